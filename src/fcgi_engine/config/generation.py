@@ -1,0 +1,72 @@
+"""The master -> generation contract: what a generation is told when it is exec'd.
+
+It travels as JSON in the FCGI_ENGINE_GENERATION environment variable, so the master can build
+it without importing the serving side.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from fcgi_engine.config.settings import ServerConfig, web_server_addrs_from_env
+
+ENV_KEY = "FCGI_ENGINE_GENERATION"
+
+
+@dataclass
+class GenerationConfig:
+    name: str
+    generation: int
+    app: str
+    nproc: int
+    listen_fd: int
+    channel_fd: int
+    handoff_send_fd: int = -1
+    handoff_recv_fd: int = -1
+    health: str | None = None
+    boot_timeout: float = 30.0
+    graceful_timeout: float = 30.0
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    timeout: float = 0.0
+    io_timeout: float = 60.0
+    max_body_size: int = 0
+    max_params_bytes: int = 1 << 20
+    script_name: str | None = None
+    allowed_addrs: list[str] = field(default_factory=list)
+    argv: list[str] = field(default_factory=list)
+    user: str | None = None
+    group: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> GenerationConfig:
+        return cls(**json.loads(text))
+
+
+def for_server(
+    cfg: ServerConfig,
+    generation: int,
+    nproc: int,
+    *,
+    listen_fd: int,
+    channel_fd: int,
+    handoff_send_fd: int,
+    handoff_recv_fd: int,
+) -> GenerationConfig:
+    app = cfg.app_spec
+    if app is None:
+        raise ValueError(f"server {cfg.name} has no app")
+    return GenerationConfig(
+        name=cfg.name, generation=generation, app=app, nproc=nproc, listen_fd=listen_fd,
+        channel_fd=channel_fd, handoff_send_fd=handoff_send_fd, handoff_recv_fd=handoff_recv_fd,
+        health=cfg.health, boot_timeout=cfg.boot_timeout, graceful_timeout=cfg.graceful_timeout,
+        max_requests=cfg.max_requests, max_requests_jitter=cfg.max_requests_jitter,
+        timeout=cfg.timeout, max_body_size=cfg.max_body_size,
+        max_params_bytes=cfg.max_params_size, script_name=cfg.script_name,
+        allowed_addrs=list(cfg.allowed_addrs) or web_server_addrs_from_env(),
+        argv=list(cfg.additional_args), user=cfg.user, group=cfg.group,
+    )

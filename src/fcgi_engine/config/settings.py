@@ -1,0 +1,111 @@
+"""Every server setting, declared once: key, type, default, help. The YAML loader and the
+`serve` command line are both built from this table."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    kind: type | tuple[type, ...]
+    default: Any
+    help: str
+    minimum: float | None = None
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("name", str, None, "the server's name (unique in the file)"),
+    Setting("socket", str, None, "where to listen: a unix socket path or HOST:PORT"),
+    Setting("pidfile", str, None, "the master's pidfile (default: derived from the name)"),
+    Setting("app", str, None, "WSGI app as module:callable or path/to/file.py[:callable]"),
+    Setting("scriptname", str, None, "a Python file defining `application`"),
+    Setting("command", list, None, "any FastCGI program; it receives the socket as fd 0"),
+    Setting("nproc", int, 2, "number of worker processes", 1),
+    Setting("additional_args", list, [], "extra arguments for the command (or the app's argv)"),
+    Setting("chdir", str, None, "directory to boot generations in (re-resolved every rollout)"),
+    Setting("environment", dict, {}, "extra environment variables for the app"),
+    Setting("python", str, None, "interpreter or virtualenv to boot generations with"),
+    Setting("user", str, None, "user to run the app as (when started as root)"),
+    Setting("group", str, None, "group to run the app as (when started as root)"),
+    Setting("socket_mode", (int, str), "0660", "mode of a unix socket (octal)"),
+    Setting("health", str, None, "path requested inside a new generation before it serves"),
+    Setting("boot_timeout", (int, float), 30.0, "seconds a new generation has to be ready", 0.1),
+    Setting("graceful_timeout", (int, float), 30.0, "seconds a draining worker may finish", 0),
+    Setting("max_requests", int, 0, "recycle a worker after this many requests (0: never)", 0),
+    Setting("max_requests_jitter", int, 0, "random extra requests before recycling", 0),
+    Setting("timeout", (int, float), 0.0, "kill a worker stuck on one request this long (0: off)",
+            0),
+    Setting("max_body_size", int, 0, "largest request body in bytes (0: no limit)", 0),
+    Setting("max_params_size", int, 1 << 20, "largest encoded params of one request", 1024),
+    Setting("script_name", str, None, "the app's mount point (SCRIPT_NAME); default: root"),
+    Setting("allowed_addrs", list, [], "TCP clients allowed (default: $FCGI_WEB_SERVER_ADDRS)"),
+    Setting("access_log", str, None, "access log file"),
+    Setting("error_log", str, None, "error log file (default: stderr)"),
+)
+SETTING_BY_KEY = {s.key: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    name: str
+    socket: str
+    pidfile: str | None = None
+    app: str | None = None
+    scriptname: str | None = None
+    command: list[str] | None = None
+    nproc: int = 2
+    additional_args: list[str] = field(default_factory=list)
+    chdir: str | None = None
+    environment: dict[str, str] = field(default_factory=dict)
+    python: str | None = None
+    user: str | None = None
+    group: str | None = None
+    socket_mode: int = 0o660
+    health: str | None = None
+    boot_timeout: float = 30.0
+    graceful_timeout: float = 30.0
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    timeout: float = 0.0
+    max_body_size: int = 0
+    max_params_size: int = 1 << 20
+    script_name: str | None = None
+    allowed_addrs: list[str] = field(default_factory=list)
+    access_log: str | None = None
+    error_log: str | None = None
+
+    @property
+    def app_spec(self) -> str | None:
+        return self.app or self.scriptname
+
+    @property
+    def control_path(self) -> str | None:
+        return self.pidfile + ".ctl" if self.pidfile else None
+
+
+def parse_mode(value: int | str) -> int:
+    """A socket mode: 0660, "0660" or "660" all mean rw-rw----."""
+    if isinstance(value, int):
+        # YAML reads 0660 as octal 432 and 660 as decimal 660; decimal-looking ints are octal text.
+        text = str(value)
+        return int(text, 8) if re.fullmatch(r"[0-7]{3,4}", text) else value
+    if not re.fullmatch(r"0?o?[0-7]{3,4}", value.strip()):
+        raise ValueError(f"{value!r} is not an octal mode like 0660")
+    return int(value.strip().replace("o", ""), 8)
+
+
+def default_pidfile(name: str) -> str:
+    base = "/run/fcgi-engine" if os.geteuid() == 0 else os.path.join(
+        os.environ.get("XDG_RUNTIME_DIR") or "/tmp", "fcgi-engine")
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    return os.path.join(base, f"{safe}.pid")
+
+
+def web_server_addrs_from_env() -> list[str]:
+    raw = os.environ.get("FCGI_WEB_SERVER_ADDRS", "")
+    return [a.strip() for a in raw.split(",") if a.strip()]

@@ -1,0 +1,462 @@
+"""The master's decisions as a pure function of events: no I/O, time is an argument.
+
+Every row of the signal table, every rollout outcome and every timeout is decided here, so each
+is a unit test; the loop only carries the actions out.
+"""
+
+from __future__ import annotations
+
+import enum
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Phase(enum.Enum):
+    BOOTING = "booting"
+    ACTIVE = "active"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+@dataclass
+class GenerationRecord:
+    id: int
+    phase: Phase
+    started: float
+    deadline: float = 0.0
+    pids: list[int] = field(default_factory=list)
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    error: str = ""
+    ready_at: float = 0.0
+
+
+# ---------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class Started:
+    now: float
+
+
+@dataclass(frozen=True)
+class SignalReceived:
+    signum: int
+    now: float
+
+
+@dataclass(frozen=True)
+class RolloutRequested:
+    now: float
+    reply_to: Any = None
+
+
+@dataclass(frozen=True)
+class StopRequested:
+    now: float
+    fast: bool = False
+    reply_to: Any = None
+
+
+@dataclass(frozen=True)
+class StatusRequested:
+    now: float
+    reply_to: Any
+
+
+@dataclass(frozen=True)
+class GenerationReady:
+    gen_id: int
+    now: float
+    pids: list[int] = field(default_factory=list)
+    workers: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class GenerationFailed:
+    gen_id: int
+    now: float
+    error: str
+
+
+@dataclass(frozen=True)
+class GenerationStatus:
+    gen_id: int
+    now: float
+    workers: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class GenerationExited:
+    gen_id: int
+    now: float
+    code: int
+    output: str = ""
+
+
+@dataclass(frozen=True)
+class Tick:
+    now: float
+
+
+Event = (
+    Started | SignalReceived | RolloutRequested | StopRequested | StatusRequested
+    | GenerationReady | GenerationFailed | GenerationStatus | GenerationExited | Tick
+)
+
+# ---------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class SpawnGeneration:
+    gen_id: int
+    nproc: int
+
+
+@dataclass(frozen=True)
+class SignalGeneration:
+    gen_id: int
+    signum: int
+
+
+@dataclass(frozen=True)
+class KillGeneration:
+    """SIGKILL the generation's whole process group."""
+
+    gen_id: int
+
+
+@dataclass(frozen=True)
+class Reply:
+    reply_to: Any
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class NotifyStarted:
+    """The first generation is ready (or failed): tell whoever waits on `serve --daemon`."""
+
+    ok: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class Log:
+    level: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ReopenLogs:
+    pass
+
+
+@dataclass(frozen=True)
+class ReExec:
+    pass
+
+
+@dataclass(frozen=True)
+class Exit:
+    code: int
+
+
+Action = (
+    SpawnGeneration | SignalGeneration | KillGeneration | Reply | NotifyStarted | Log
+    | ReopenLogs | ReExec | Exit
+)
+
+
+@dataclass
+class Settings:
+    name: str
+    nproc: int
+    boot_timeout: float = 30.0
+    graceful_timeout: float = 30.0
+    respawn_backoff: float = 1.0
+
+
+class MasterPolicy:
+    def __init__(self, settings: Settings, next_id: int = 1) -> None:
+        self.settings = settings
+        self.nproc = settings.nproc
+        self.generations: dict[int, GenerationRecord] = {}
+        self.active: int | None = None
+        self.booting: int | None = None
+        self.next_id = next_id
+        self.stopping = False
+        self.started_ok = False
+        self.started_at = 0.0
+        self.waiters: list[Any] = []
+        self.stop_waiters: list[Any] = []
+        self.last_rollout: dict[str, Any] | None = None
+        self.crash_count = 0
+        self.respawn_at: float | None = None
+        self.exit_code = 0
+
+    # ------------------------------------------------------------ helpers
+
+    def _spawn(self, now: float) -> list[Action]:
+        gen_id = self.next_id
+        self.next_id += 1
+        self.generations[gen_id] = GenerationRecord(
+            gen_id, Phase.BOOTING, now, deadline=now + self.settings.boot_timeout
+        )
+        self.booting = gen_id
+        return [SpawnGeneration(gen_id, self.nproc),
+                Log("info", f"{self.settings.name}: booting generation {gen_id}")]
+
+    def _name(self) -> str:
+        return self.settings.name
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        gens = []
+        for rec in sorted(self.generations.values(), key=lambda r: r.id):
+            gens.append({
+                "id": rec.id,
+                "phase": rec.phase.value,
+                "age": round(now - rec.started, 3),
+                "workers": rec.workers,
+                "pids": rec.pids,
+            })
+        active = self.generations.get(self.active) if self.active else None
+        workers = active.workers if active else []
+        return {
+            "name": self._name(),
+            "state": "stopping" if self.stopping else ("running" if active else "starting"),
+            "generation": self.active,
+            "booting": self.booting,
+            "nproc": self.nproc,
+            "workers": workers,
+            "workers_ready": len(workers),
+            "requests": sum(int(w.get("requests", 0)) for w in workers),
+            "uptime": round(now - self.started_at, 3),
+            "generations": gens,
+            "last_rollout": self.last_rollout,
+        }
+
+    # ------------------------------------------------------------ the decision
+
+    def handle(self, event: Event) -> list[Action]:
+        method = getattr(self, "_on_" + type(event).__name__)
+        actions: list[Action] = method(event)
+        return actions
+
+    def _on_Started(self, ev: Started) -> list[Action]:
+        self.started_at = ev.now
+        return self._spawn(ev.now)
+
+    def _on_SignalReceived(self, ev: SignalReceived) -> list[Action]:
+        sig = ev.signum
+        if sig == signal.SIGHUP:
+            return self._on_RolloutRequested(RolloutRequested(ev.now))
+        if sig == signal.SIGTERM:
+            return self._on_StopRequested(StopRequested(ev.now))
+        if sig in (signal.SIGINT, signal.SIGQUIT):
+            return self._on_StopRequested(StopRequested(ev.now, fast=True))
+        if sig in (signal.SIGTTIN, signal.SIGTTOU):
+            if sig == signal.SIGTTOU and self.nproc <= 1:
+                return [Log("warning", f"{self._name()}: TTOU ignored, 1 worker is the minimum")]
+            self.nproc += 1 if sig == signal.SIGTTIN else -1
+            actions: list[Action] = [Log("info", f"{self._name()}: workers now {self.nproc}")]
+            if self.active is not None:
+                actions.append(SignalGeneration(self.active, sig))
+            return actions
+        if sig == signal.SIGUSR1:
+            actions = [ReopenLogs()]
+            actions += [SignalGeneration(g, signal.SIGUSR1) for g in self.generations]
+            return actions
+        if sig == signal.SIGUSR2:
+            if self.booting is not None or self.stopping:
+                return [Log("warning", f"{self._name()}: USR2 ignored during a rollout or stop")]
+            return [Log("info", f"{self._name()}: re-executing the master in place"), ReExec()]
+        return []
+
+    def _on_RolloutRequested(self, ev: RolloutRequested) -> list[Action]:
+        if self.stopping:
+            return self._reply(ev.reply_to, ok=False, error="the server is stopping")
+        if self.booting is not None:
+            if ev.reply_to is not None:
+                # Refused, not queued: the caller is told which rollout is running.
+                return self._reply(
+                    ev.reply_to, ok=False,
+                    error=f"a rollout is already running (generation {self.booting} is booting)",
+                )
+            return [Log("warning", f"{self._name()}: rollout refused: generation "
+                                   f"{self.booting} is still booting")]
+        if ev.reply_to is not None:
+            self.waiters.append(ev.reply_to)
+        return self._spawn(ev.now)
+
+    def _reply(self, reply_to: Any, **payload: Any) -> list[Action]:
+        if reply_to is None:
+            return [Log("warning", f"{self._name()}: {payload.get('error', '')}")]
+        return [Reply(reply_to, payload)]
+
+    def _on_StopRequested(self, ev: StopRequested) -> list[Action]:
+        actions: list[Action] = []
+        if ev.reply_to is not None:
+            self.stop_waiters.append(ev.reply_to)
+        first = not self.stopping
+        self.stopping = True
+        if self.booting is not None:
+            actions += self._fail_booting(ev.now, "the server is stopping")
+        for rec in self.generations.values():
+            if ev.fast:
+                actions.append(SignalGeneration(rec.id, signal.SIGQUIT))
+            elif rec.phase is Phase.ACTIVE:
+                rec.phase = Phase.DRAINING
+                rec.deadline = ev.now + self.settings.graceful_timeout
+                actions.append(SignalGeneration(rec.id, signal.SIGTERM))
+        if first:
+            actions.insert(0, Log("info", f"{self._name()}: stopping "
+                                          f"({'fast' if ev.fast else 'graceful'})"))
+        if not self.started_ok:
+            actions.append(NotifyStarted(False, "stopped before it was ready"))
+        actions += self._maybe_exit()
+        return actions
+
+    def _on_StatusRequested(self, ev: StatusRequested) -> list[Action]:
+        return [Reply(ev.reply_to, {"ok": True, "status": self.snapshot(ev.now)})]
+
+    def _on_GenerationReady(self, ev: GenerationReady) -> list[Action]:
+        rec = self.generations.get(ev.gen_id)
+        if rec is None or ev.gen_id != self.booting:
+            return []
+        rec.phase = Phase.ACTIVE
+        rec.pids = list(ev.pids)
+        rec.workers = list(ev.workers)
+        rec.ready_at = ev.now
+        old = self.active
+        self.active = ev.gen_id
+        self.booting = None
+        self.crash_count = 0
+        boot_time = round(ev.now - rec.started, 3)
+        actions: list[Action] = [
+            Log("info", f"{self._name()}: generation {ev.gen_id} ready in {boot_time} s, "
+                        f"{len(ev.pids)} workers")
+        ]
+        if old is not None and old in self.generations:
+            old_rec = self.generations[old]
+            old_rec.phase = Phase.DRAINING
+            old_rec.deadline = ev.now + self.settings.graceful_timeout
+            actions.append(SignalGeneration(old, signal.SIGHUP))
+        outcome = {"ok": True, "from": old, "to": ev.gen_id, "workers": len(ev.pids),
+                   "seconds": boot_time}
+        if old is not None or self.waiters:
+            self.last_rollout = dict(outcome)
+        for waiter in self.waiters:
+            actions.append(Reply(waiter, dict(outcome)))
+        self.waiters = []
+        if not self.started_ok:
+            self.started_ok = True
+            actions.append(NotifyStarted(True, f"generation {ev.gen_id} ready"))
+        return actions
+
+    def _fail_booting(self, now: float, error: str) -> list[Action]:
+        gen_id = self.booting
+        assert gen_id is not None
+        rec = self.generations[gen_id]
+        rec.phase = Phase.FAILED
+        rec.error = rec.error or error
+        self.booting = None
+        actions: list[Action] = [
+            KillGeneration(gen_id),
+            Log("error", f"{self._name()}: generation {gen_id} failed: {rec.error}"),
+        ]
+        outcome = {"ok": False, "from": self.active, "to": gen_id, "error": rec.error,
+                   "rolled_back": self.active is not None}
+        self.last_rollout = dict(outcome)
+        for waiter in self.waiters:
+            actions.append(Reply(waiter, dict(outcome)))
+        self.waiters = []
+        if not self.started_ok and self.active is None and not self.stopping:
+            if self.crash_count == 0:
+                # The first boot failed: nothing serves; `serve` exits non-zero naming why.
+                actions.append(NotifyStarted(False, rec.error))
+                self.stopping = True
+                self.exit_code = 1
+                actions += self._maybe_exit()
+            else:
+                actions += self._schedule_respawn(now)
+        elif self.active is None and not self.stopping:
+            actions += self._schedule_respawn(now)
+        return actions
+
+    def _schedule_respawn(self, now: float) -> list[Action]:
+        self.crash_count += 1
+        delay = min(self.settings.respawn_backoff * 2 ** (self.crash_count - 1), 30.0)
+        self.respawn_at = now + delay
+        return [Log("error", f"{self._name()}: no generation serves; booting a new one in "
+                             f"{delay:.1f} s")]
+
+    def _on_GenerationFailed(self, ev: GenerationFailed) -> list[Action]:
+        rec = self.generations.get(ev.gen_id)
+        if rec is None:
+            return []
+        rec.error = ev.error
+        if ev.gen_id == self.booting:
+            return self._fail_booting(ev.now, ev.error)
+        return []
+
+    def _on_GenerationStatus(self, ev: GenerationStatus) -> list[Action]:
+        rec = self.generations.get(ev.gen_id)
+        if rec is not None:
+            rec.workers = list(ev.workers)
+        return []
+
+    def _on_GenerationExited(self, ev: GenerationExited) -> list[Action]:
+        rec = self.generations.pop(ev.gen_id, None)
+        if rec is None:
+            return []
+        actions: list[Action] = []
+        if ev.gen_id == self.booting:
+            self.generations[ev.gen_id] = rec
+            if not rec.error:
+                rec.error = (ev.output.strip() or
+                             f"the generation exited with status {ev.code} before it was ready")
+            actions += self._fail_booting(ev.now, rec.error)
+            self.generations.pop(ev.gen_id, None)
+        elif ev.gen_id == self.active:
+            self.active = None
+            if not self.stopping:
+                actions.append(Log("error", f"{self._name()}: generation {ev.gen_id} exited "
+                                            f"unexpectedly (status {ev.code})"))
+                actions += self._spawn(ev.now)
+        elif rec.phase is Phase.DRAINING:
+            actions.append(Log("info", f"{self._name()}: generation {ev.gen_id} drained"))
+        actions += self._maybe_exit()
+        return actions
+
+    def _maybe_exit(self) -> list[Action]:
+        if not self.stopping or self.generations and any(
+            r.phase is not Phase.FAILED for r in self.generations.values()
+        ):
+            return []
+        if any(r.phase is Phase.FAILED for r in self.generations.values()):
+            # Wait for the killed generation to be reaped first.
+            return []
+        actions: list[Action] = [Reply(w, {"ok": True, "stopped": True})
+                                 for w in self.stop_waiters]
+        self.stop_waiters = []
+        return actions + [Exit(self.exit_code)]
+
+    def _on_Tick(self, ev: Tick) -> list[Action]:
+        actions: list[Action] = []
+        if self.booting is not None:
+            rec = self.generations[self.booting]
+            if ev.now > rec.deadline:
+                actions += self._fail_booting(
+                    ev.now, f"not ready within boot_timeout ({self.settings.boot_timeout:g} s)")
+        for rec in list(self.generations.values()):
+            if rec.phase is Phase.DRAINING and ev.now > rec.deadline + 5.0:
+                # The generation kills its own workers at graceful_timeout; this is the backstop.
+                rec.deadline = ev.now + 3600
+                actions.append(KillGeneration(rec.id))
+                actions.append(Log("warning", f"{self._name()}: generation {rec.id} did not "
+                                              "drain in time; killed"))
+        if (self.respawn_at is not None and ev.now >= self.respawn_at and self.booting is None
+                and self.active is None and not self.stopping):
+            self.respawn_at = None
+            actions += self._spawn(ev.now)
+        return actions

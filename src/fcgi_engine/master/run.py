@@ -1,0 +1,185 @@
+"""Set up and run one master: bind (or inherit) the socket, pidfile, control socket, daemon."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+
+from fcgi_engine.config.address import UnixAddress, parse_address
+from fcgi_engine.config.settings import ServerConfig
+from fcgi_engine.master.loop import REEXEC_ENV, MasterLoop
+from fcgi_engine.system import pidfile as pidfiles
+from fcgi_engine.system import sockets
+
+log = logging.getLogger("fcgi_engine.master")
+
+
+class StartError(Exception):
+    """The server could not start; the message says why."""
+
+
+def setup_logging(cfg: ServerConfig) -> None:
+    if cfg.error_log:
+        fd = os.open(cfg.error_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        os.dup2(fd, 2)
+        os.close(fd)
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(
+            level=logging.INFO,
+            format="%(asctime)s [%(name)s %(process)d] %(levelname)s %(message)s",
+            stream=sys.stderr,
+        )
+
+
+def _owner(cfg: ServerConfig) -> tuple[int, int] | None:
+    if not (cfg.user or cfg.group) or os.geteuid() != 0:
+        return None
+    import grp
+    import pwd
+
+    uid = pwd.getpwnam(cfg.user).pw_uid if cfg.user else 0
+    gid = grp.getgrnam(cfg.group).gr_gid if cfg.group else (
+        pwd.getpwnam(cfg.user).pw_gid if cfg.user else 0)
+    return uid, gid
+
+
+def open_listener(cfg: ServerConfig, inherit_fd0: bool) -> tuple[socket.socket, str | None]:
+    """The listening socket and, for a unix socket we created, its path (to remove at exit)."""
+    if inherit_fd0:
+        sock = sockets.listening_socket_from_fd(0)
+        if sock is None:
+            raise StartError("fd 0 is not a listening socket; give --listen ADDR")
+        # Move it off fd 0 so fd 0 can be /dev/null like any daemon's.
+        moved = socket.socket(fileno=os.dup(sock.fileno()))
+        moved.set_inheritable(False)
+        sock.detach()
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        return moved, None
+    try:
+        address = parse_address(cfg.socket)
+        return sockets.bind(address, cfg.socket_mode, _owner(cfg)), (
+            os.path.abspath(address.path) if isinstance(address, UnixAddress) else None)
+    except (OSError, ValueError) as exc:
+        raise StartError(f"cannot listen on {cfg.socket}: {exc}") from exc
+
+
+def serve(cfg: ServerConfig, *, inherit_fd0: bool = False, daemon: bool = False) -> int:
+    """Run the master until it stops; returns the exit code."""
+    adopted = os.environ.pop(REEXEC_ENV, None)
+    if adopted:
+        return _serve_adopted(cfg, json.loads(adopted))
+    ready_fd = -1
+    if daemon:
+        ready_fd = _daemonize(cfg)
+    setup_logging(cfg)
+    try:
+        listener, unix_path = open_listener(cfg, inherit_fd0)
+    except StartError as exc:
+        _fail_early(ready_fd, str(exc))
+        return 1
+    identity = sockets.unix_socket_identity(unix_path) if unix_path else None
+    control_sock = None
+    control_path = cfg.control_path
+    try:
+        if cfg.pidfile:
+            os.makedirs(os.path.dirname(os.path.abspath(cfg.pidfile)), exist_ok=True)
+            pidfiles.write_pidfile(cfg.pidfile, os.getpid())
+        if control_path:
+            control_sock = _bind_control(control_path)
+    except (OSError, pidfiles.PidfileError) as exc:
+        _fail_early(ready_fd, f"cannot write {cfg.pidfile}: {exc}")
+        listener.close()
+        if unix_path:
+            sockets.remove_unix_socket(unix_path, identity)
+        return 1
+    where = unix_path or sockets.describe(listener)
+    log.info("%s: master %d listening on %s", cfg.name, os.getpid(), where)
+    loop = MasterLoop(cfg, listener, control_sock=control_sock, ready_fd=ready_fd)
+    loop.unix_path = unix_path
+    try:
+        return loop.run()
+    finally:
+        _cleanup(cfg, unix_path, identity, control_path)
+
+
+def _serve_adopted(cfg: ServerConfig, state: dict[str, object]) -> int:
+    setup_logging(cfg)
+    listener = socket.socket(fileno=int(state["listen"]))  # type: ignore[call-overload]
+    control_fd = int(state["control"])  # type: ignore[call-overload]
+    control_sock = socket.socket(fileno=control_fd) if control_fd >= 0 else None
+    if control_sock is not None:
+        control_sock.set_inheritable(False)
+    unix_path = state.get("unix_path")
+    assert unix_path is None or isinstance(unix_path, str)
+    identity = sockets.unix_socket_identity(unix_path) if unix_path else None
+    loop = MasterLoop(cfg, listener, control_sock=control_sock)
+    loop.unix_path = unix_path
+    try:
+        return loop.run(adopted=state)
+    finally:
+        _cleanup(cfg, unix_path, identity, cfg.control_path)
+
+
+def _cleanup(cfg: ServerConfig, unix_path: str | None, identity: tuple[int, int] | None,
+             control_path: str | None) -> None:
+    if unix_path:
+        sockets.remove_unix_socket(unix_path, identity)
+    if control_path:
+        try:
+            os.unlink(control_path)
+        except OSError:
+            pass
+    if cfg.pidfile:
+        pidfiles.remove_pidfile(cfg.pidfile, os.getpid())
+    log.info("%s: master %d exited", cfg.name, os.getpid())
+
+
+def _bind_control(path: str) -> socket.socket:
+    if os.path.exists(path) and sockets.unix_socket_is_live(path):
+        raise OSError(f"another master answers on {path}")
+    return sockets.bind_unix(path, 0o600)
+
+
+def _fail_early(ready_fd: int, message: str) -> None:
+    log.error("%s", message)
+    if ready_fd >= 0:
+        try:
+            os.write(ready_fd, f"fail {message}\n".encode())
+        except OSError:
+            pass
+
+
+def _daemonize(cfg: ServerConfig) -> int:
+    """Fork; the parent waits for the readiness line and exits with its outcome."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid > 0:
+        os.close(w)
+        data = b""
+        while True:
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            data += chunk
+        text = data.decode("utf-8", "replace").strip()
+        if text.startswith("ok"):
+            print(f"{cfg.name}: started, master pid {pid}", flush=True)
+            os._exit(0)
+        reason = text[len("fail "):] if text.startswith("fail") else "the master exited"
+        print(f"{cfg.name}: failed to start: {reason}", file=sys.stderr, flush=True)
+        os._exit(1)
+    os.close(r)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    if not cfg.error_log:
+        os.dup2(null, 2)
+    os.close(null)
+    return w

@@ -1,0 +1,107 @@
+"""wsgi.input: the request body streamed from FCGI_STDIN records as the app reads it.
+
+Nothing is read ahead of the app beyond one chunk, so memory stays flat for any body size, and
+no CONTENT_LENGTH is needed (nginx `fastcgi_request_buffering off` sends none): the empty STDIN
+record ends the stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+
+class ClientDisconnected(OSError):
+    """The web server went away (or aborted the request) while the body was being read."""
+
+
+class BodyTooLarge(Exception):
+    """The body exceeded the configured max_body_size."""
+
+
+class InputStream:
+    """A read-only, forward-only file-like object over a pull function (b"" at the end)."""
+
+    def __init__(self, pull: Callable[[], bytes], max_size: int = 0) -> None:
+        self._pull = pull
+        self._buf = b""
+        self._eof = False
+        self._received = 0
+        self._max = max_size
+
+    def _fill(self) -> bool:
+        """Pull one more chunk into the buffer; False at the end of the body."""
+        if self._eof:
+            return False
+        chunk = self._pull()
+        if not chunk:
+            self._eof = True
+            return False
+        self._received += len(chunk)
+        if self._max and self._received > self._max:
+            raise BodyTooLarge(f"request body exceeds {self._max} bytes")
+        self._buf = self._buf + chunk if self._buf else chunk
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            parts = [self._buf]
+            self._buf = b""
+            while self._fill():
+                parts.append(self._buf)
+                self._buf = b""
+            return b"".join(parts)
+        while len(self._buf) < size and self._fill():
+            pass
+        data, self._buf = self._buf[:size], self._buf[size:]
+        return data
+
+    def readline(self, size: int | None = -1) -> bytes:
+        limit = -1 if size is None else size
+        searched = 0
+        while True:
+            index = self._buf.find(b"\n", searched)
+            if index >= 0:
+                end = index + 1
+                break
+            if 0 <= limit <= len(self._buf):
+                end = limit
+                break
+            searched = len(self._buf)
+            if not self._fill():
+                end = len(self._buf)
+                break
+        if 0 <= limit < end:
+            end = limit
+        line, self._buf = self._buf[:end], self._buf[end:]
+        return line
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        lines = []
+        total = 0
+        while True:
+            line = self.readline()
+            if not line:
+                return lines
+            lines.append(line)
+            total += len(line)
+            if hint is not None and 0 < hint <= total:
+                return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            line = self.readline()
+            if not line:
+                return
+            yield line
+
+    def discard(self) -> None:
+        """Consume what the app left unread, so the connection stays in step."""
+        self._buf = b""
+        while not self._eof:
+            chunk = self._pull()
+            if not chunk:
+                self._eof = True
+
+    @property
+    def finished(self) -> bool:
+        return self._eof and not self._buf

@@ -1,0 +1,355 @@
+"""A generation: a fresh interpreter that imports the app once, proves it, and forks workers.
+
+The master execs `python -m fcgi_engine.serving` with the listening socket, the hand-off socket
+and its end of a channel socketpair. Over the channel the generation reports `failed` (with the
+error text), `ready` and periodic `status`; end-of-file on it means the master is gone, and the
+generation then stops its workers rather than serve on as an orphan.
+
+Signals from the master: HUP drains with connection hand-off (a rollout), TERM drains and closes
+(a stop), QUIT/INT stop at once, TTIN/TTOU add or remove a worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from fcgi_engine.config.generation import ENV_KEY, GenerationConfig
+from fcgi_engine.protocol import Limits
+from fcgi_engine.serving.loader import AppLoadError, WSGIApp, load_app
+from fcgi_engine.serving.scoreboard import Scoreboard
+from fcgi_engine.serving.worker import Worker, WorkerOptions
+
+log = logging.getLogger("fcgi_engine.generation")
+
+MAX_WORKERS = 256
+
+
+@dataclass
+class _Slot:
+    index: int
+    pid: int = 0
+    started: float = 0.0
+    failures: int = 0
+    respawn_at: float = 0.0
+    retired: bool = False
+
+
+class Generation:
+    def __init__(self, app: WSGIApp, cfg: GenerationConfig, channel: socket.socket) -> None:
+        self.app = app
+        self.cfg = cfg
+        self.channel = channel
+        self.listener = socket.socket(fileno=cfg.listen_fd)
+        self.handoff_send = (socket.socket(fileno=cfg.handoff_send_fd)
+                             if cfg.handoff_send_fd >= 0 else None)
+        self.handoff_recv = (socket.socket(fileno=cfg.handoff_recv_fd)
+                             if cfg.handoff_recv_fd >= 0 else None)
+        self.board = Scoreboard(MAX_WORKERS)
+        self.slots: list[_Slot] = []
+        self.mode = "serving"  # serving | draining | stopping
+        self.drain_deadline = 0.0
+        self.signals: list[int] = []
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.options = WorkerOptions(
+            limits=Limits(max_params_bytes=cfg.max_params_bytes, max_conns=cfg.nproc,
+                          max_reqs=cfg.nproc),
+            max_body_size=cfg.max_body_size,
+            io_timeout=cfg.io_timeout,
+            max_requests=cfg.max_requests,
+            script_name=cfg.script_name,
+            allowed_addrs=frozenset(cfg.allowed_addrs),
+        )
+
+    # ------------------------------------------------------------ reporting
+
+    def report(self, **event: Any) -> None:
+        try:
+            self.channel.sendall(json.dumps(event).encode() + b"\n")
+        except OSError:
+            pass
+
+    def status(self) -> list[dict[str, Any]]:
+        workers = []
+        for slot in self.slots:
+            if not slot.pid:
+                continue
+            state = self.board.read(slot.index)
+            workers.append({
+                "pid": slot.pid,
+                "state": "busy" if state.busy else "idle",
+                "requests": state.requests,
+                "started": slot.started,
+            })
+        return workers
+
+    # ------------------------------------------------------------ workers
+
+    def spawn(self, slot: _Slot, private: socket.socket | None = None) -> None:
+        self.board.reset(slot.index, 0)
+        max_requests = self.cfg.max_requests
+        if max_requests and self.cfg.max_requests_jitter:
+            max_requests += random.randint(0, self.cfg.max_requests_jitter)
+        pid = os.fork()
+        if pid == 0:
+            self._become_worker(slot, private, max_requests)
+        slot.pid = pid
+        slot.started = time.monotonic()
+        self.board.set_pid(slot.index, pid)
+
+    def _become_worker(self, slot: _Slot, private: socket.socket | None, max_requests: int) -> None:
+        code = 0
+        try:
+            _set_parent_death_signal(signal.SIGTERM)
+            self.channel.close()
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+            options = self.options
+            if max_requests != options.max_requests:
+                options = WorkerOptions(**{**options.__dict__, "max_requests": max_requests})
+            worker = Worker(self.app, self.listener, options, handoff_send=self.handoff_send,
+                            handoff_recv=self.handoff_recv,
+                            private=private, scoreboard=self.board, slot=slot.index)
+            worker.install_signals()
+            worker.run()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 0
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+
+    def boot(self) -> None:
+        """Fork the workers and prove each one answers; report ready or failed."""
+        deadline = time.monotonic() + self.cfg.boot_timeout
+        privates = []
+        for index in range(self.cfg.nproc):
+            slot = _Slot(index)
+            self.slots.append(slot)
+            ours, theirs = socket.socketpair()
+            self.spawn(slot, theirs)
+            theirs.close()
+            privates.append(ours)
+        from fcgi_engine.client import ClientError, get_values, request
+
+        for slot, sock in zip(self.slots, privates, strict=True):
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                if self.cfg.health:
+                    response = request(sock, self.cfg.health, keep_conn=True)
+                    if not 200 <= response.status < 300:
+                        body = response.body[:2000].decode("utf-8", "replace")
+                        raise ClientError(
+                            f"health check {self.cfg.health} answered {response.status} "
+                            f"{response.reason}: {body}"
+                        )
+                else:
+                    get_values(sock, ["FCGI_MPXS_CONNS"])
+            except (ClientError, OSError) as exc:
+                self.report(event="failed", error=f"worker {slot.pid}: {exc}")
+                self.stop_workers(signal.SIGKILL)
+                raise SystemExit(1) from None
+            finally:
+                sock.close()
+        self.report(event="ready", pids=[s.pid for s in self.slots], workers=self.status())
+
+    def stop_workers(self, sig: int) -> None:
+        for slot in self.slots:
+            if slot.pid:
+                try:
+                    os.kill(slot.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    # ------------------------------------------------------------ supervision
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signals.append(signum)
+
+    def run(self) -> int:
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT, signal.SIGINT,
+                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+        self.boot()
+        import select
+
+        poller = select.poll()
+        poller.register(self.wake_r, select.POLLIN)
+        poller.register(self.channel.fileno(), select.POLLIN)
+        last_status = 0.0
+        while True:
+            poller.poll(500)
+            _drain(self.wake_r)
+            now = time.monotonic()
+            if self._channel_closed():
+                if self.mode == "serving":
+                    log.error("%s: the master is gone; stopping generation %d",
+                              self.cfg.name, self.cfg.generation)
+                    self._begin_drain(signal.SIGTERM, now, min(self.cfg.graceful_timeout, 5.0))
+            while self.signals:
+                self._handle_signal(self.signals.pop(0), now)
+            self._reap(now)
+            if self.mode != "serving" and not any(s.pid for s in self.slots):
+                return 0
+            if self.mode == "serving":
+                self._respawn(now)
+                self._kill_stuck()
+            elif now > self.drain_deadline:
+                log.warning("%s: generation %d did not drain within %.0f s; killing its workers",
+                            self.cfg.name, self.cfg.generation, self.cfg.graceful_timeout)
+                self.stop_workers(signal.SIGKILL)
+                self.drain_deadline = now + 3600
+            if now - last_status >= 1.0:
+                last_status = now
+                self.report(event="status", workers=self.status())
+
+    def _channel_closed(self) -> bool:
+        try:
+            data = self.channel.recv(4096, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        return not data
+
+    def _begin_drain(self, worker_signal: int, now: float, timeout: float) -> None:
+        self.mode = "draining"
+        self.drain_deadline = now + timeout
+        self.stop_workers(worker_signal)
+
+    def _handle_signal(self, sig: int, now: float) -> None:
+        if sig == signal.SIGCHLD:
+            return
+        if sig in (signal.SIGHUP, signal.SIGTERM):
+            if self.mode == "serving":
+                self._begin_drain(sig, now, self.cfg.graceful_timeout)
+        elif sig in (signal.SIGQUIT, signal.SIGINT):
+            self.mode = "stopping"
+            self.stop_workers(signal.SIGQUIT)
+            self.drain_deadline = now + 2.0
+        elif sig == signal.SIGTTIN and self.mode == "serving":
+            free = [s for s in self.slots if s.retired]
+            if free:
+                free[0].retired = False
+                free[0].respawn_at = 0.0
+            elif len(self.slots) < MAX_WORKERS:
+                slot = _Slot(len(self.slots))
+                self.slots.append(slot)
+            log.info("%s: workers +1 (TTIN)", self.cfg.name)
+        elif sig == signal.SIGTTOU and self.mode == "serving":
+            live = [s for s in self.slots if not s.retired]
+            if len(live) > 1:
+                slot = live[-1]
+                slot.retired = True
+                if slot.pid:
+                    os.kill(slot.pid, signal.SIGTERM)
+                log.info("%s: workers -1 (TTOU)", self.cfg.name)
+        elif sig == signal.SIGUSR1:
+            self.stop_workers(signal.SIGUSR1)
+
+    def _reap(self, now: float) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            for slot in self.slots:
+                if slot.pid == pid:
+                    slot.pid = 0
+                    self.board.reset(slot.index, 0)
+                    if self.mode != "serving" or slot.retired:
+                        break
+                    code = os.waitstatus_to_exitcode(status)
+                    lived = now - slot.started
+                    if code == 0:
+                        slot.failures = 0
+                        slot.respawn_at = now
+                    else:
+                        slot.failures = slot.failures + 1 if lived < 5.0 else 1
+                        delay = 0.0 if slot.failures <= 1 else min(0.2 * 2 ** slot.failures, 30.0)
+                        slot.respawn_at = now + delay
+                        how = f"signal {-code}" if code < 0 else f"status {code}"
+                        log.error("%s: worker %d died (%s) after %.1f s; respawning%s",
+                                  self.cfg.name, pid, how, lived,
+                                  f" in {delay:.1f} s" if delay else "")
+                    break
+
+    def _respawn(self, now: float) -> None:
+        for slot in self.slots:
+            if not slot.pid and not slot.retired and now >= slot.respawn_at:
+                self.spawn(slot)
+
+    def _kill_stuck(self) -> None:
+        if not self.cfg.timeout:
+            return
+        wall = time.time()
+        for slot in self.slots:
+            if not slot.pid:
+                continue
+            state = self.board.read(slot.index)
+            if state.busy and state.started and wall - state.started > self.cfg.timeout:
+                log.error("%s: worker %d stuck for %.1f s on %s; killing it (timeout %.0f s)",
+                          self.cfg.name, slot.pid, wall - state.started, state.path or "?",
+                          self.cfg.timeout)
+                try:
+                    os.kill(slot.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.board.end(slot.index, state.requests)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _set_parent_death_signal(sig: int) -> None:
+    """Linux: deliver `sig` to this process when its parent dies."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def main() -> int:
+    cfg = GenerationConfig.from_json(os.environ.pop(ENV_KEY))
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s [{cfg.name} gen {cfg.generation} %(process)d] %(levelname)s "
+        "%(message)s",
+        stream=sys.stderr,
+    )
+    channel = socket.socket(fileno=cfg.channel_fd)
+    channel.setblocking(True)
+    os.environ["FCGI_ENGINE_GENERATION_ID"] = str(cfg.generation)
+    try:
+        app = load_app(cfg.app)
+    except AppLoadError as exc:
+        detail = "".join(traceback.format_exception(exc.__cause__)) if exc.__cause__ else ""
+        message = f"{exc}\n{detail}".rstrip()
+        log.error("cannot load the app: %s", message)
+        channel.sendall(json.dumps({"event": "failed", "error": message}).encode() + b"\n")
+        return 1
+    # Once imported, the app's own modules are in memory: the forked workers share them.
+    gen = Generation(app, cfg, channel)
+    return gen.run()

@@ -1,0 +1,470 @@
+"""The worker: one process, one request at a time, many connections.
+
+It watches the shared listening socket, its own keep-alive connections and (when a generation
+hands connections over) the hand-off socket in one epoll set, so an idle keep-alive connection
+never starves a new one. Draining stops accepting, finishes the request in hand, and passes every
+idle keep-alive connection to the next generation through the hand-off socket instead of closing
+it under the web server's feet.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from fcgi_engine.protocol import (
+    NEED_DATA,
+    Connection,
+    ConnectionClosed,
+    Limits,
+    ProtocolError,
+    RequestAborted,
+    RequestReady,
+    RequestRefused,
+    StdinData,
+    StdinEnd,
+)
+from fcgi_engine.serving.body import ClientDisconnected, InputStream
+from fcgi_engine.serving.environ import build_environ
+from fcgi_engine.serving.loader import WSGIApp
+from fcgi_engine.serving.scoreboard import Scoreboard
+from fcgi_engine.serving.wsgi import FileWrapper, ResponseCutOff, run_app, simple_response
+
+log = logging.getLogger("fcgi_engine.worker")
+
+RECV_SIZE = 256 * 1024
+_EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 0)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    limits: Limits = Limits()
+    max_body_size: int = 0
+    io_timeout: float = 60.0
+    max_requests: int = 0
+    script_name: str | None = None
+    allowed_addrs: frozenset[str] = frozenset()
+
+
+class _Conn:
+    __slots__ = ("sock", "fd", "proto")
+
+    def __init__(self, sock: socket.socket, proto: Connection) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.proto = proto
+
+
+def send_all(sock: socket.socket, data: bytes | memoryview, timeout: float) -> None:
+    """Send everything on a non-blocking socket, waiting at most `timeout` for progress."""
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view)
+        except BlockingIOError:
+            _wait(sock, select.POLLOUT, timeout)
+            continue
+        except OSError as exc:
+            raise ClientDisconnected(f"send failed: {exc}") from exc
+        view = view[sent:]
+
+
+def recv_some(sock: socket.socket, timeout: float) -> bytes:
+    """One recv on a non-blocking socket, waiting at most `timeout` for data."""
+    while True:
+        try:
+            return sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            _wait(sock, select.POLLIN, timeout)
+        except OSError as exc:
+            raise ClientDisconnected(f"recv failed: {exc}") from exc
+
+
+def _wait(sock: socket.socket, flag: int, timeout: float) -> None:
+    poller = select.poll()
+    poller.register(sock, flag)
+    if not poller.poll(timeout * 1000):
+        raise ClientDisconnected(f"no progress for {timeout:.0f} s")
+
+
+class ErrorStream:
+    """wsgi.errors: text the app writes goes to the error log, a line at a time."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(text)
+        return len(text)
+
+    def writelines(self, lines: list[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+class Worker:
+    def __init__(
+        self,
+        app: WSGIApp,
+        listener: socket.socket,
+        options: WorkerOptions,
+        *,
+        handoff_send: socket.socket | None = None,
+        handoff_recv: socket.socket | None = None,
+        private: socket.socket | None = None,
+        scoreboard: Scoreboard | None = None,
+        slot: int = 0,
+        errors: TextIO | None = None,
+    ) -> None:
+        self.app = app
+        self.listener = listener
+        self.options = options
+        self.handoff_send = handoff_send
+        self.handoff_recv = handoff_recv
+        self.private = private
+        self.scoreboard = scoreboard
+        self.slot = slot
+        self.errors = ErrorStream(errors or _stderr())
+        self.requests = 0
+        self.conns: dict[int, _Conn] = {}
+        self._draining = False
+        self._handoff_on_drain = False
+        self._stop_now = False
+        self._parent = os.getppid()
+        self._epoll = select.epoll()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # ------------------------------------------------------------ signals
+
+    def install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        signal.signal(signal.SIGQUIT, self._on_quit)
+        signal.signal(signal.SIGINT, self._on_quit)
+        signal.signal(signal.SIGTTIN, signal.SIG_IGN)
+        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self._draining = True
+
+    def _on_hup(self, signum: int, frame: Any) -> None:
+        self._draining = True
+        self._handoff_on_drain = self.handoff_send is not None
+
+    def _on_quit(self, signum: int, frame: Any) -> None:
+        self._stop_now = True
+        raise SystemExit(0)
+
+    # ------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        ep = self._epoll
+        listen_fd = self.listener.fileno()
+        self.listener.setblocking(False)
+        ep.register(listen_fd, select.EPOLLIN | _EPOLLEXCLUSIVE)
+        handoff_fd = -1
+        if self.handoff_recv is not None:
+            handoff_fd = self.handoff_recv.fileno()
+            ep.register(handoff_fd, select.EPOLLIN | _EPOLLEXCLUSIVE)
+        ep.register(self._wake_r, select.EPOLLIN)
+        if self.private is not None:
+            self._adopt(self.private, b"")
+        accepting = True
+        while True:
+            if self._draining and accepting:
+                accepting = False
+                ep.unregister(listen_fd)
+                if handoff_fd >= 0:
+                    ep.unregister(handoff_fd)
+                self._release_idle()
+            if self._draining and not self.conns:
+                return
+            try:
+                events = ep.poll(1.0)
+            except InterruptedError:
+                continue
+            if os.getppid() != self._parent:
+                log.warning("worker %d: generation is gone, exiting", os.getpid())
+                return
+            for fd, _mask in events:
+                if fd == listen_fd:
+                    if accepting:
+                        self._accept()
+                elif fd == self._wake_r:
+                    _drain_pipe(self._wake_r)
+                elif fd == handoff_fd:
+                    if accepting:
+                        self._receive_handoff()
+                else:
+                    conn = self.conns.get(fd)
+                    if conn is not None:
+                        self._serve(conn)
+                if self._draining:
+                    break
+            if (
+                self.options.max_requests
+                and self.requests >= self.options.max_requests
+                and not self._draining
+            ):
+                log.info("worker %d: served %d requests, recycling", os.getpid(), self.requests)
+                self._draining = True
+                self._handoff_on_drain = self.handoff_send is not None
+
+    def _accept(self) -> None:
+        # A few at a time: the other workers get their share of a burst.
+        for _ in range(4):
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept failed: %s", exc)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                raise
+            if self.options.allowed_addrs and isinstance(addr, tuple):
+                if addr[0] not in self.options.allowed_addrs:
+                    log.warning("refused a connection from %s (not in FCGI_WEB_SERVER_ADDRS)",
+                                addr[0])
+                    sock.close()
+                    continue
+            self._adopt(sock, b"")
+
+    def _receive_handoff(self) -> None:
+        assert self.handoff_recv is not None
+        for _ in range(16):
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.handoff_recv, RECV_SIZE, 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not fds:
+                continue
+            sock = socket.socket(fileno=fds[0])
+            self._adopt(sock, data)
+
+    def _adopt(self, sock: socket.socket, leftover: bytes) -> None:
+        sock.setblocking(False)
+        conn = _Conn(sock, Connection(self.options.limits))
+        if leftover:
+            conn.proto.receive_data(leftover)
+        self.conns[conn.fd] = conn
+        self._epoll.register(conn.fd, select.EPOLLIN)
+        # Most connections arrive with their first request already sent: serve it now.
+        self._serve(conn)
+
+    def _close(self, conn: _Conn) -> None:
+        if self.conns.pop(conn.fd, None) is not None:
+            try:
+                self._epoll.unregister(conn.fd)
+            except OSError:
+                pass
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+
+    def _release_idle(self) -> None:
+        """On drain: pass idle keep-alive connections on, or close them on a plain stop."""
+        for conn in list(self.conns.values()):
+            if not conn.proto.idle:
+                continue
+            if conn.sock is self.private:
+                self._close(conn)
+            elif self._handoff_on_drain:
+                self._pass_on(conn)
+            else:
+                # A plain stop: serve what already arrived, then close.
+                self._serve(conn)
+                if conn.fd in self.conns:
+                    self._close(conn)
+
+    def _pass_on(self, conn: _Conn) -> None:
+        assert self.handoff_send is not None
+        try:
+            socket.send_fds(self.handoff_send, [conn.proto.leftover], [conn.fd])
+        except OSError as exc:
+            log.warning("could not hand a connection over (%s); serving it to the end", exc)
+            return
+        self._close(conn)
+
+    # ------------------------------------------------------------ one connection
+
+    def _serve(self, conn: _Conn) -> None:
+        """Serve whatever is ready on this connection; return when it is idle or closed."""
+        proto = conn.proto
+        sock = conn.sock
+        timeout = self.options.io_timeout
+        while True:
+            try:
+                event = proto.next_event()
+            except ProtocolError as exc:
+                log.warning("protocol error from the web server, closing the connection: %s", exc)
+                self._flush_replies(conn)
+                self._close(conn)
+                return
+            if not self._flush_replies(conn):
+                return
+            if event is NEED_DATA:
+                try:
+                    if proto.idle:
+                        try:
+                            data = sock.recv(RECV_SIZE)
+                        except BlockingIOError:
+                            if self._draining and self._handoff_on_drain and conn.sock is not self.private:
+                                self._pass_on(conn)
+                            return
+                    else:
+                        data = recv_some(sock, timeout)
+                except (ClientDisconnected, OSError):
+                    self._close(conn)
+                    return
+                proto.receive_data(data)
+                continue
+            if isinstance(event, RequestReady):
+                if not self._handle(conn, event):
+                    return
+                if proto.must_close:
+                    self._close(conn)
+                    return
+                if self._draining and proto.idle and not proto.has_buffered_input:
+                    if self._handoff_on_drain and conn.sock is not self.private:
+                        self._pass_on(conn)
+                    else:
+                        self._close(conn)
+                    return
+                continue
+            if isinstance(event, RequestRefused):
+                log.warning("refused request %d: %s", event.request_id, event.reason)
+                body = simple_response("431 Request Header Fields Too Large", event.reason + "\n")
+                try:
+                    send_all(sock, proto.stdout(event.request_id, body)
+                             + proto.end_request(event.request_id), timeout)
+                except ClientDisconnected:
+                    self._close(conn)
+                    return
+                if proto.must_close:
+                    self._close(conn)
+                    return
+                continue
+            if isinstance(event, ConnectionClosed):
+                self._close(conn)
+                return
+            # Stdin or abort records of a request that is not running here cannot occur: the
+            # protocol ignores records of ended requests. Anything else is a bug in the peer.
+            log.warning("unexpected %r between requests; closing the connection", event)
+            self._close(conn)
+            return
+
+    def _flush_replies(self, conn: _Conn) -> bool:
+        out = conn.proto.data_to_send()
+        if out:
+            try:
+                send_all(conn.sock, out, self.options.io_timeout)
+            except ClientDisconnected:
+                self._close(conn)
+                return False
+        return True
+
+    def _handle(self, conn: _Conn, event: RequestReady) -> bool:
+        """Run one request. False when the connection was closed."""
+        proto = conn.proto
+        sock = conn.sock
+        rid = event.request_id
+        timeout = self.options.io_timeout
+        aborted = False
+
+        def pull() -> bytes:
+            nonlocal aborted
+            while True:
+                try:
+                    ev = proto.next_event()
+                except ProtocolError as exc:
+                    raise ClientDisconnected(f"protocol error: {exc}") from exc
+                if ev is NEED_DATA:
+                    proto.receive_data(recv_some(sock, timeout))
+                    continue
+                if isinstance(ev, StdinData):
+                    return ev.data
+                if isinstance(ev, StdinEnd):
+                    return b""
+                if isinstance(ev, RequestAborted):
+                    aborted = True
+                    raise ClientDisconnected("the web server aborted the request")
+                if isinstance(ev, ConnectionClosed):
+                    raise ClientDisconnected("the web server closed the connection")
+                raise ClientDisconnected(f"unexpected {ev!r} while reading the body")
+
+        def send_stdout(data: bytes) -> None:
+            send_all(sock, proto.stdout(rid, data), timeout)
+
+        def finish(data: bytes) -> None:
+            out = proto.stdout(rid, data) + proto.end_request(rid) if data else proto.end_request(rid)
+            send_all(sock, out, timeout)
+
+        stream = InputStream(pull, self.options.max_body_size)
+        environ = build_environ(event.params, stream, self.errors, self.options.script_name)
+        environ["wsgi.file_wrapper"] = FileWrapper
+        board = self.scoreboard
+        if board is not None:
+            board.begin(self.slot, time.time(), environ["PATH_INFO"])
+        self.requests += 1
+        try:
+            run_app(self.app, environ, send_stdout, finish)
+        except ClientDisconnected as exc:
+            if aborted and not proto.idle:
+                try:
+                    send_all(sock, proto.end_request(rid, 1), timeout)
+                    return True
+                except ClientDisconnected:
+                    pass
+            log.info("client went away on %s: %s", environ.get("PATH_INFO"), exc)
+            self._close(conn)
+            return False
+        except ResponseCutOff:
+            self._close(conn)
+            return False
+        finally:
+            if board is not None:
+                board.end(self.slot, self.requests)
+        return True
+
+
+def _drain_pipe(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _stderr() -> TextIO:
+    import sys
+
+    return sys.stderr
+
+
+def run_single(app: WSGIApp, listener: socket.socket, options: WorkerOptions) -> None:
+    """Serve in this process with no generation around it (tests, debugging)."""
+    worker = Worker(app, listener, options)
+    worker.install_signals()
+    worker.run()
+
+
+AppFactory = Callable[[], WSGIApp]

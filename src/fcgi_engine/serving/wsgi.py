@@ -1,0 +1,210 @@
+"""One request through a WSGI app (PEP 3333): start_response, write(), the body iterable,
+exc_info, close(), header validation, and errors turned into a 500 or a clean cut-off."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Any
+
+from fcgi_engine.serving.body import BodyTooLarge, ClientDisconnected
+from fcgi_engine.serving.loader import WSGIApp
+
+log = logging.getLogger("fcgi_engine.app")
+
+_STATUS_RE = re.compile(r"^[1-9][0-9]{2} [^\x00-\x1f\x7f]*$")
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_BAD_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_HOP_BY_HOP = frozenset(
+    ("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+     "trailers", "transfer-encoding", "upgrade")
+)
+# Large chunks go out in pieces so no response doubles its size in memory while framed.
+_SEND_SLICE = 256 * 1024
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+
+
+class HeaderError(ValueError):
+    """The app gave start_response a status or header that is not valid HTTP."""
+
+
+class ResponseCutOff(Exception):
+    """The response failed after it started: the connection must be closed without END_REQUEST."""
+
+
+def validate_status(status: Any) -> str:
+    if type(status) is not str:
+        raise HeaderError(f"status must be a str, got {type(status).__name__}")
+    if not _STATUS_RE.match(status):
+        raise HeaderError(f"invalid status line {status!r}")
+    return status
+
+
+def validate_headers(headers: Any) -> list[tuple[str, str]]:
+    if type(headers) is not list:
+        raise HeaderError(f"headers must be a list, got {type(headers).__name__}")
+    for item in headers:
+        if type(item) is not tuple or len(item) != 2:
+            raise HeaderError(f"each header must be a (name, value) tuple, got {item!r}")
+        name, value = item
+        if type(name) is not str or not _TOKEN_RE.match(name):
+            raise HeaderError(f"invalid header name {name!r}")
+        if type(value) is not str or _BAD_VALUE_RE.search(value):
+            raise HeaderError(f"invalid value for header {name}: {value!r}")
+        if name.lower() in _HOP_BY_HOP:
+            raise HeaderError(f"hop-by-hop header {name!r} is not allowed from a WSGI app")
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise HeaderError(f"header {name} is not latin-1: {value!r}") from None
+    return headers  # type: ignore[no-any-return]
+
+
+def _head(status: str, headers: list[tuple[str, str]]) -> bytes:
+    lines = [f"Status: {status}\r\n"]
+    lines.extend(f"{name}: {value}\r\n" for name, value in headers)
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1")
+
+
+ERROR_500 = b"Status: 500 Internal Server Error\r\nContent-Type: text/plain\r\nContent-Length: 21\r\n\r\nInternal Server Error"  # noqa: E501
+
+
+def simple_response(status: str, text: str) -> bytes:
+    body = text.encode("utf-8")
+    return (
+        f"Status: {status}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode("latin-1") + body
+
+
+def run_app(
+    app: WSGIApp,
+    environ: dict[str, Any],
+    send_stdout: Callable[[bytes], None],
+    finish: Callable[[bytes], None],
+) -> None:
+    """Call the app and stream its response.
+
+    send_stdout(data) sends response bytes now; finish(data) sends the last bytes together with
+    the end of the request. Raises ResponseCutOff when the response failed after it started, and
+    ClientDisconnected when the web server went away.
+    """
+    state: dict[str, Any] = {"head": None, "sent": False}
+
+    def start_response(
+        status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+    ) -> Callable[[bytes], None]:
+        if exc_info is not None:
+            try:
+                if state["sent"]:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif state["head"] is not None:
+            raise AssertionError("start_response called a second time without exc_info")
+        state["head"] = _head(validate_status(status), validate_headers(headers))
+        return write
+
+    def write(data: bytes) -> None:
+        if type(data) is not bytes:
+            raise TypeError(f"write() takes bytes, got {type(data).__name__}")
+        head = state["head"]
+        if head is None:
+            raise AssertionError("write() called before start_response")
+        if not state["sent"]:
+            state["sent"] = True
+            _send_sliced(send_stdout, head + data if len(data) < _SEND_SLICE else head)
+            if len(data) >= _SEND_SLICE:
+                _send_sliced(send_stdout, data)
+        elif data:
+            _send_sliced(send_stdout, data)
+
+    result: Iterable[bytes] | None = None
+    try:
+        result = app(environ, start_response)
+        if isinstance(result, (list, tuple)) and not state["sent"] and len(result) <= 1:
+            # The common case: one chunk. Head, body and end of request go out in one send.
+            data = result[0] if result else b""
+            if type(data) is not bytes:
+                raise TypeError(f"the app yielded {type(data).__name__}, not bytes")
+            head = state["head"]
+            if head is None:
+                raise AssertionError("the app returned without calling start_response")
+            state["sent"] = True
+            if len(data) < _SEND_SLICE:
+                finish(head + data)
+            else:
+                send_stdout(head)
+                _send_sliced(send_stdout, data)
+                finish(b"")
+            return
+        for chunk in result:
+            if type(chunk) is not bytes:
+                raise TypeError(f"the app yielded {type(chunk).__name__}, not bytes")
+            if chunk or not state["sent"]:
+                write(chunk)
+        if state["head"] is None:
+            raise AssertionError("the app returned without calling start_response")
+        if not state["sent"]:
+            state["sent"] = True
+            finish(state["head"])
+        else:
+            finish(b"")
+    except ClientDisconnected:
+        raise
+    except BodyTooLarge as exc:
+        if state["sent"]:
+            raise ResponseCutOff(str(exc)) from exc
+        finish(simple_response("413 Payload Too Large", str(exc) + "\n"))
+    except Exception as exc:
+        if state["sent"]:
+            _log_app_error(environ, "after the response started; cutting it off")
+            raise ResponseCutOff(repr(exc)) from exc
+        _log_app_error(environ, "answering 500")
+        finish(ERROR_500)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                _log_app_error(environ, "in the response's close()")
+
+
+def _send_sliced(send: Callable[[bytes], None], data: bytes) -> None:
+    if len(data) <= _SEND_SLICE:
+        send(data)
+        return
+    view = memoryview(data)
+    for start in range(0, len(data), _SEND_SLICE):
+        send(view[start : start + _SEND_SLICE])  # type: ignore[arg-type]
+
+
+def _log_app_error(environ: dict[str, Any], what: str) -> None:
+    method = environ.get("REQUEST_METHOD", "?")
+    path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    log.error("app error on %s %s, %s", method, path, what, exc_info=sys.exc_info())
+
+
+class FileWrapper:
+    """wsgi.file_wrapper: iterates a file-like object in blocks and closes it."""
+
+    def __init__(self, filelike: Any, blksize: int = 65536) -> None:
+        self.filelike = filelike
+        self.blksize = blksize
+        if hasattr(filelike, "close"):
+            self.close = filelike.close
+
+    def __iter__(self) -> FileWrapper:
+        return self
+
+    def __next__(self) -> bytes:
+        data = self.filelike.read(self.blksize)
+        if data:
+            return data  # type: ignore[no-any-return]
+        raise StopIteration

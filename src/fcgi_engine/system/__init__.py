@@ -1,0 +1,1 @@
+"""POSIX plumbing with no protocol and no app: sockets, pidfiles, process identity."""

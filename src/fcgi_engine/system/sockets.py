@@ -1,0 +1,143 @@
+"""Listening sockets: atomic unix bind with the final mode, TCP (IPv6 too), inherited fd 0."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+
+from fcgi_engine.config.address import Address, TcpAddress, UnixAddress
+
+BACKLOG = 1024
+
+
+class SocketInUse(OSError):
+    """Another live server listens on this address."""
+
+
+def bind(address: Address, mode: int = 0o660, owner: tuple[int, int] | None = None) -> socket.socket:
+    if isinstance(address, UnixAddress):
+        return bind_unix(address.path, mode, owner)
+    assert isinstance(address, TcpAddress)
+    return bind_tcp(address.host, address.port)
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _canon, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise SocketInUse(exc.errno, f"{host}:{port} is already in use") from None
+            raise
+        sock.listen(BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    sock.set_inheritable(False)
+    return sock
+
+
+def unix_socket_is_live(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def bind_unix(path: str, mode: int = 0o660, owner: tuple[int, int] | None = None) -> socket.socket:
+    """Bind a temporary name under a strict umask, set mode and owner, then rename onto `path`.
+
+    The socket never exists at `path` with the wrong mode. A live listener at `path` is refused;
+    a stale socket file is replaced; anything else at `path` is left alone and refused.
+    """
+    path = os.path.abspath(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SocketInUse(errno.EEXIST, f"{path} exists and is not a socket")
+        if unix_socket_is_live(path):
+            raise SocketInUse(errno.EADDRINUSE, f"a live server already listens on {path}")
+    directory = os.path.dirname(path)
+    temp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        try:
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
+        sock.bind(temp)
+        if owner is not None:
+            os.chown(temp, owner[0], owner[1])
+        os.chmod(temp, mode)
+        sock.listen(BACKLOG)
+        os.rename(temp, path)
+    except BaseException:
+        sock.close()
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    finally:
+        os.umask(old_umask)
+    sock.set_inheritable(False)
+    return sock
+
+
+def listening_socket_from_fd(fd: int) -> socket.socket | None:
+    """The listening socket at `fd` (fd 0 from a web server, LISTEN_FDS), or None."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        accepting = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError:
+        sock.detach()
+        return None
+    if not accepting:
+        sock.detach()
+        return None
+    return sock
+
+
+def describe(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if isinstance(name, tuple):
+        host, port = name[0], name[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(name)
+
+
+def unix_socket_identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
+
+
+def remove_unix_socket(path: str, identity: tuple[int, int] | None) -> None:
+    """Remove the socket file at `path` if it is still the one we bound (same inode)."""
+    if identity is not None and unix_socket_identity(path) == identity:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
