@@ -1,0 +1,276 @@
+"""Shared fixtures: real fcgi-engine processes and a real nginx, stopped by pid at teardown."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+APPS = Path(__file__).resolve().parent / "apps"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,
+             what: str = "condition") -> object:
+    """Poll `condition` until it returns something truthy, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = condition()
+        except Exception as exc:  # noqa: BLE001 - polled conditions may fail until ready
+            last_exc = exc
+            result = None
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}"
+                         + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def can_connect(address: str) -> bool:
+    try:
+        if address.startswith("/"):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(1)
+                s.connect(address)
+        else:
+            host, port = address.rsplit(":", 1)
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1):
+                pass
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    address: str
+    pidfile: str
+    log_path: str
+    tag: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return Path(self.log_path).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(sig)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        kill_tagged(self.tag)
+        return self.proc.poll()
+
+    def tree(self) -> list[int]:
+        return tagged_pids(self.tag)
+
+
+def kill_tagged(tag: str) -> None:
+    """Kill every process started under `tag` (generations run in their own sessions)."""
+    for pid in tagged_pids(tag):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def tagged_pids(token: str) -> list[int]:
+    tag = f"FCGI_TEST_TAG={token}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if tag in f.read().split(b"\0"):
+                    if int(entry) != os.getpid():
+                        found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture
+def tmp(tmp_path: Path) -> Path:
+    # Unix socket paths must stay short (108 bytes): use a short private directory.
+    short = Path(tempfile.mkdtemp(prefix="fe-", dir="/tmp"))
+    os.chmod(short, 0o755)
+    yield short
+    shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.fixture
+def serve(tmp: Path) -> Iterator[Callable[..., Server]]:
+    """Start `fcgi-engine serve` and wait until it answers."""
+    started: list[Server] = []
+
+    def start(app: str = f"{APPS}/testapp.py", *args: str, listen: str | None = None,
+              nproc: int = 2, wait: bool = True, env: dict[str, str] | None = None,
+              cwd: str | None = None) -> Server:
+        address = listen or str(tmp / f"app{len(started)}.sock")
+        pidfile = str(tmp / f"app{len(started)}.pid")
+        log_path = str(tmp / f"app{len(started)}.log")
+        cmd = [sys.executable, "-m", "fcgi_engine", "serve", app, "--listen", address,
+               "--nproc", str(nproc), "--pidfile", pidfile, *args]
+        tag = f"{os.getpid()}-{time.monotonic_ns()}"
+        full_env = dict(os.environ, FCGI_TEST_TAG=tag, **(env or {}))
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=full_env, cwd=cwd,
+                                    stdin=subprocess.DEVNULL)
+        # Tag the tree so teardown finds every process of it, whatever its session.
+        server = Server(proc, address, pidfile, log_path, tag)
+        started.append(server)
+        if wait:
+            wait_for(lambda: _ready(server), 20, what=f"fcgi-engine on {address}")
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def _ready(server: Server) -> bool:
+    if server.proc.poll() is not None:
+        raise AssertionError(f"fcgi-engine exited with {server.proc.returncode}:\n{server.log()}")
+    if not os.path.exists(server.pidfile):
+        return False
+    from fcgi_engine import control
+
+    reply = control.call(server.pidfile + ".ctl", {"cmd": "status"}, timeout=2)
+    return bool(reply.get("status", {}).get("generation"))
+
+
+NGINX_CONF = """
+daemon off;
+master_process on;
+worker_processes 1;
+{user}
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    fastcgi_temp_path {dir}/fastcgi;
+    proxy_temp_path {dir}/proxy;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    client_max_body_size 200m;
+    upstream app {{
+        server {upstream};
+        {keepalive}
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            include {fastcgi_params};
+            fastcgi_param SCRIPT_NAME "";
+            fastcgi_param PATH_INFO $uri;
+            fastcgi_pass app;
+            fastcgi_keep_conn {keep_conn};
+            fastcgi_request_buffering {buffering};
+            fastcgi_buffering {buffering};
+            fastcgi_read_timeout 60s;
+        }}
+    }}
+}}
+"""
+
+
+def nginx_binary() -> str | None:
+    for candidate in (shutil.which("nginx"), "/usr/sbin/nginx"):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    return None
+
+
+@dataclass
+class Nginx:
+    proc: subprocess.Popen[bytes]
+    port: int
+    dir: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def error_log(self) -> str:
+        try:
+            return (self.dir / "nginx-error.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+@pytest.fixture
+def nginx(tmp: Path) -> Iterator[Callable[..., Nginx]]:
+    """Start a real nginx in front of an upstream; fails (never skips) in CI without nginx."""
+    binary = nginx_binary()
+    if binary is None:
+        if IN_CI:
+            pytest.fail("nginx is not installed: .ci/run must install it")
+        pytest.skip("nginx is not installed here (CI installs it)")
+    started: list[Nginx] = []
+
+    def start(upstream: str, keep_conn: bool = False, buffering: bool = True,
+              pool: int = 32) -> Nginx:
+        ndir = tmp / f"nginx{len(started)}"
+        ndir.mkdir()
+        port = free_port()
+        target = f"unix:{upstream}" if upstream.startswith("/") else upstream
+        params = "/etc/nginx/fastcgi_params"
+        conf = NGINX_CONF.format(
+            dir=ndir, port=port, upstream=target,
+            keepalive=f"keepalive {pool};" if keep_conn else "",
+            keep_conn="on" if keep_conn else "off",
+            buffering="on" if buffering else "off",
+            fastcgi_params=params,
+            user="user root;" if os.geteuid() == 0 else "",
+        )
+        (ndir / "nginx.conf").write_text(conf)
+        proc = subprocess.Popen([binary, "-c", str(ndir / "nginx.conf"), "-p", str(ndir)],
+                                stdout=subprocess.DEVNULL, stderr=open(ndir / "stderr", "wb"))
+        server = Nginx(proc, port, ndir)
+        started.append(server)
+        wait_for(lambda: can_connect(f"127.0.0.1:{port}") or proc.poll() is not None, 10,
+                 what="nginx to listen")
+        if proc.poll() is not None:
+            raise AssertionError("nginx failed: " + (ndir / "stderr").read_text())
+        return server
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGQUIT)
+            try:
+                server.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                server.proc.kill()
+                server.proc.wait()
