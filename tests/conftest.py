@@ -21,8 +21,12 @@ APPS = Path(__file__).resolve().parent / "apps"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,
-             what: str = "condition") -> object:
+def wait_for(
+    condition: Callable[[], object],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> object:
     """Poll `condition` until it returns something truthy, or fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
@@ -35,8 +39,10 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: f
         if result:
             return result
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}"
-                         + (f" (last error: {last_exc!r})" if last_exc else ""))
+    raise AssertionError(
+        f"timed out after {timeout} s waiting for {what}"
+        + (f" (last error: {last_exc!r})" if last_exc else "")
+    )
 
 
 def free_port() -> int:
@@ -132,19 +138,38 @@ def serve(tmp: Path) -> Iterator[Callable[..., Server]]:
     """Start `fcgi-engine serve` and wait until it answers."""
     started: list[Server] = []
 
-    def start(app: str = f"{APPS}/testapp.py", *args: str, listen: str | None = None,
-              nproc: int = 2, wait: bool = True, env: dict[str, str] | None = None,
-              cwd: str | None = None) -> Server:
+    def start(
+        app: str = f"{APPS}/testapp.py",
+        *args: str,
+        listen: str | None = None,
+        nproc: int = 2,
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> Server:
         address = listen or str(tmp / f"app{len(started)}.sock")
         pidfile = str(tmp / f"app{len(started)}.pid")
         log_path = str(tmp / f"app{len(started)}.log")
-        cmd = [sys.executable, "-m", "fcgi_engine", "serve", app, "--listen", address,
-               "--nproc", str(nproc), "--pidfile", pidfile, *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fcgi_engine",
+            "serve",
+            app,
+            "--listen",
+            address,
+            "--nproc",
+            str(nproc),
+            "--pidfile",
+            pidfile,
+            *args,
+        ]
         tag = f"{os.getpid()}-{time.monotonic_ns()}"
         full_env = dict(os.environ, FCGI_TEST_TAG=tag, **(env or {}))
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=full_env, cwd=cwd,
-                                    stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=log, env=full_env, cwd=cwd, stdin=subprocess.DEVNULL
+            )
         # Tag the tree so teardown finds every process of it, whatever its session.
         server = Server(proc, address, pidfile, log_path, tag)
         started.append(server)
@@ -239,15 +264,18 @@ def nginx(tmp: Path) -> Iterator[Callable[..., Nginx]]:
         pytest.skip("nginx is not installed here (CI installs it)")
     started: list[Nginx] = []
 
-    def start(upstream: str, keep_conn: bool = False, buffering: bool = True,
-              pool: int = 32) -> Nginx:
+    def start(
+        upstream: str, keep_conn: bool = False, buffering: bool = True, pool: int = 32
+    ) -> Nginx:
         ndir = tmp / f"nginx{len(started)}"
         ndir.mkdir()
         port = free_port()
         target = f"unix:{upstream}" if upstream.startswith("/") else upstream
         params = "/etc/nginx/fastcgi_params"
         conf = NGINX_CONF.format(
-            dir=ndir, port=port, upstream=target,
+            dir=ndir,
+            port=port,
+            upstream=target,
             keepalive=f"keepalive {pool};" if keep_conn else "",
             keep_conn="on" if keep_conn else "off",
             buffering="on" if buffering else "off",
@@ -255,12 +283,18 @@ def nginx(tmp: Path) -> Iterator[Callable[..., Nginx]]:
             user="user root;" if os.geteuid() == 0 else "",
         )
         (ndir / "nginx.conf").write_text(conf)
-        proc = subprocess.Popen([binary, "-c", str(ndir / "nginx.conf"), "-p", str(ndir)],
-                                stdout=subprocess.DEVNULL, stderr=open(ndir / "stderr", "wb"))
+        proc = subprocess.Popen(
+            [binary, "-c", str(ndir / "nginx.conf"), "-p", str(ndir)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(ndir / "stderr", "wb"),
+        )
         server = Nginx(proc, port, ndir)
         started.append(server)
-        wait_for(lambda: can_connect(f"127.0.0.1:{port}") or proc.poll() is not None, 10,
-                 what="nginx to listen")
+        wait_for(
+            lambda: can_connect(f"127.0.0.1:{port}") or proc.poll() is not None,
+            10,
+            what="nginx to listen",
+        )
         if proc.poll() is not None:
             raise AssertionError("nginx failed: " + (ndir / "stderr").read_text())
         return server

@@ -18,15 +18,23 @@ EXIT_NOT_CONFIGURED = 6
 EXIT_NOT_RUNNING = 7
 
 
-def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run one app as a FastCGI server (master + N workers)")
     p.add_argument("app", help="module:callable, module, or path/to/file.py[:callable]")
-    p.add_argument("--listen", "-l", metavar="ADDR",
-                   help="unix socket path or HOST:PORT (default: fd 0 from the web server)")
+    p.add_argument(
+        "--listen",
+        "-l",
+        metavar="ADDR",
+        help="unix socket path or HOST:PORT (default: fd 0 from the web server)",
+    )
     p.add_argument("--nproc", "-n", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--pidfile", "-p", help="write the master's pid here")
-    p.add_argument("--daemon", "-d", action="store_true",
-                   help="run in the background; return once the workers are ready")
+    p.add_argument(
+        "--daemon",
+        "-d",
+        action="store_true",
+        help="run in the background; return once the workers are ready",
+    )
     p.add_argument("--name", help="server name for logs (default: the app)")
     p.add_argument("--chdir", help="directory to boot the app in (re-resolved every rollout)")
     p.add_argument("--python", help="interpreter or virtualenv to boot generations with")
@@ -35,23 +43,34 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--graceful-timeout", type=float, default=30.0)
     p.add_argument("--max-requests", type=int, default=0)
     p.add_argument("--max-requests-jitter", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=0.0,
-                   help="kill a worker stuck this many seconds on one request (0: off)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=0.0,
+        help="kill a worker stuck this many seconds on one request (0: off)",
+    )
     p.add_argument("--max-body-size", type=int, default=0)
     p.add_argument("--script-name", help="the app's mount point (SCRIPT_NAME)")
     p.add_argument("--socket-mode", default="0660", help="mode of a unix socket (default 0660)")
     p.add_argument("--error-log", help="log file (default: stderr)")
 
 
-def _request_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _request_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("request", help="send one FastCGI request (like curl, for FastCGI)")
     p.add_argument("address", metavar="ADDR", help="unix socket path or HOST:PORT")
     p.add_argument("path", nargs="?", default="/", help="path and query (default /)")
     p.add_argument("-X", "--method", default=None)
     p.add_argument("-H", "--header", action="append", default=[], metavar="'Name: value'")
-    p.add_argument("-d", "--data", metavar="DATA|@FILE", help="request body (@FILE reads a file, @- stdin)")
-    p.add_argument("--param", action="append", default=[], metavar="K=V",
-                   help="extra FastCGI param (overrides the defaults)")
+    p.add_argument(
+        "-d", "--data", metavar="DATA|@FILE", help="request body (@FILE reads a file, @- stdin)"
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="extra FastCGI param (overrides the defaults)",
+    )
     p.add_argument("-i", "--include", action="store_true", help="print status and headers too")
     p.add_argument("-f", "--fail", action="store_true", help="exit 22 on an HTTP status >= 400")
     p.add_argument("--timeout", type=float, default=30.0)
@@ -63,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="FastCGI application engine and process manager for Python web apps.",
     )
     parser.add_argument("--version", action="version", version=f"fcgi-engine {__version__}")
-    parser.add_argument("-c", "--config", help="YAML config (default: $FCGI_ENGINE_CONFIG, "
-                                                "else ./fcgi-engine.yml)")
+    parser.add_argument(
+        "-c", "--config", help="YAML config (default: $FCGI_ENGINE_CONFIG, else ./fcgi-engine.yml)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
     _request_parser(sub)
@@ -88,12 +108,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     pidfile = os.path.abspath(args.pidfile) if args.pidfile else None
     cfg = ServerConfig(
-        name=args.name or args.app, socket=args.listen or "fd:0", pidfile=pidfile, app=args.app,
-        nproc=args.nproc, chdir=args.chdir, python=args.python, health=args.health,
-        boot_timeout=args.boot_timeout, graceful_timeout=args.graceful_timeout,
-        max_requests=args.max_requests, max_requests_jitter=args.max_requests_jitter,
-        timeout=args.timeout, max_body_size=args.max_body_size, script_name=args.script_name,
-        socket_mode=mode, error_log=os.path.abspath(args.error_log) if args.error_log else None,
+        name=args.name or args.app,
+        socket=args.listen or "fd:0",
+        pidfile=pidfile,
+        app=args.app,
+        nproc=args.nproc,
+        chdir=args.chdir,
+        python=args.python,
+        health=args.health,
+        boot_timeout=args.boot_timeout,
+        graceful_timeout=args.graceful_timeout,
+        max_requests=args.max_requests,
+        max_requests_jitter=args.max_requests_jitter,
+        timeout=args.timeout,
+        max_body_size=args.max_body_size,
+        script_name=args.script_name,
+        socket_mode=mode,
+        error_log=os.path.abspath(args.error_log) if args.error_log else None,
     )
     return serve(cfg, inherit_fd0=not args.listen, daemon=args.daemon)
 
@@ -110,8 +141,10 @@ def cmd_request(args: argparse.Namespace) -> int:
                 with open(args.data[1:], "rb") as f:
                     body = f.read()
             except OSError as exc:
-                print(f"fcgi-engine request: cannot read {args.data[1:]}: {exc.strerror}",
-                      file=sys.stderr)
+                print(
+                    f"fcgi-engine request: cannot read {args.data[1:]}: {exc.strerror}",
+                    file=sys.stderr,
+                )
                 return EXIT_USAGE
         else:
             body = args.data.encode()
@@ -120,8 +153,9 @@ def cmd_request(args: argparse.Namespace) -> int:
     for item in args.header:
         name, sep, value = item.partition(":")
         if not sep or not name.strip():
-            print(f"fcgi-engine request: bad header {item!r}, expected 'Name: value'",
-                  file=sys.stderr)
+            print(
+                f"fcgi-engine request: bad header {item!r}, expected 'Name: value'", file=sys.stderr
+            )
             return EXIT_USAGE
         headers[name.strip()] = value.strip()
     params = {}
@@ -132,14 +166,17 @@ def cmd_request(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         params[key] = value
     try:
-        response = request(args.address, args.path, method, body, headers, params,
-                           timeout=args.timeout)
+        response = request(
+            args.address, args.path, method, body, headers, params, timeout=args.timeout
+        )
     except (ClientError, ValueError) as exc:
         print(f"fcgi-engine request: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     if response.protocol_status:
-        print(f"fcgi-engine request: the application refused the request: {response.reason}",
-              file=sys.stderr)
+        print(
+            f"fcgi-engine request: the application refused the request: {response.reason}",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     out = sys.stdout.buffer
     if args.include:
@@ -164,6 +201,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_serve(args)
     if args.command == "request":
         return cmd_request(args)
-    from fcgi_engine.manage_cli import run_manager_command
-
-    return run_manager_command(parser, args)
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE

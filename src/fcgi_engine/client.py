@@ -98,9 +98,7 @@ def encode_request(
     role: int = Role.RESPONDER,
 ) -> bytes:
     """The records of one whole request, as a web server sends them."""
-    nv = encode_name_values(
-        (k.encode("latin-1"), v.encode("latin-1")) for k, v in params.items()
-    )
+    nv = encode_name_values((k.encode("latin-1"), v.encode("latin-1")) for k, v in params.items())
     return b"".join(
         (
             encode_record(
@@ -192,13 +190,22 @@ class Exchange:
                 raise ClientError(f"unexpected record type {rtype} from the application")
         raw = b"".join(stdout)
         if proto_status != ProtocolStatus.REQUEST_COMPLETE:
-            return Response(0, ProtocolStatus(proto_status).name, [], b"", b"".join(stderr),
-                            app_status, proto_status, raw)
+            return Response(
+                0,
+                ProtocolStatus(proto_status).name,
+                [],
+                b"",
+                b"".join(stderr),
+                app_status,
+                proto_status,
+                raw,
+            )
         if not parse:
             return Response(0, "", [], raw, b"".join(stderr), app_status, proto_status, raw)
         status, reason, headers, body = parse_cgi_response(raw)
-        return Response(status, reason, headers, body, b"".join(stderr), app_status,
-                        proto_status, raw)
+        return Response(
+            status, reason, headers, body, b"".join(stderr), app_status, proto_status, raw
+        )
 
 
 def request(
@@ -214,10 +221,16 @@ def request(
 ) -> Response:
     """One request; a socket given as `address` is used as it is (and left open)."""
     path, _, query = path.partition("?")
-    all_params = build_params(method, path, query, headers, len(body) if body or method in (
-        "POST", "PUT", "PATCH") else None, params)
+    all_params = build_params(
+        method,
+        path,
+        query,
+        headers,
+        len(body) if body or method in ("POST", "PUT", "PATCH") else None,
+        params,
+    )
     own = not isinstance(address, socket.socket)
-    sock = connect(address, timeout) if own else address  # type: ignore[arg-type]
+    sock = address if isinstance(address, socket.socket) else connect(address, timeout)
     try:
         try:
             sock.sendall(encode_request(request_id, all_params, body, keep_conn))
@@ -239,8 +252,11 @@ def stream_request(
     """Send a request whose body comes in chunks (large uploads without holding them)."""
     nv = encode_name_values((k.encode("latin-1"), v.encode("latin-1")) for k, v in params.items())
     sock.sendall(
-        encode_record(RecordType.BEGIN_REQUEST, request_id,
-                      BEGIN_REQUEST_BODY.pack(Role.RESPONDER, FCGI_KEEP_CONN if keep_conn else 0))
+        encode_record(
+            RecordType.BEGIN_REQUEST,
+            request_id,
+            BEGIN_REQUEST_BODY.pack(Role.RESPONDER, FCGI_KEEP_CONN if keep_conn else 0),
+        )
         + encode_records(RecordType.PARAMS, request_id, nv)
         + encode_record(RecordType.PARAMS, request_id)
     )
@@ -253,8 +269,11 @@ def get_values(sock: socket.socket, names: Iterable[str]) -> dict[str, str]:
     """Ask FCGI_GET_VALUES on an open connection."""
     from fcgi_engine.protocol.codec import decode_name_values
 
-    sock.sendall(encode_record(RecordType.GET_VALUES, 0, encode_name_values(
-        (n.encode(), b"") for n in names)))
+    sock.sendall(
+        encode_record(
+            RecordType.GET_VALUES, 0, encode_name_values((n.encode(), b"") for n in names)
+        )
+    )
     ex = Exchange(sock, 0)
     version, rtype, rid, clen, plen = HEADER.unpack(ex._read_exact(HEADER_LEN))
     content = ex._read_exact(clen + plen)[:clen]

@@ -51,8 +51,15 @@ def raw(environ, start_response):
                 break
             digest.update(chunk)
             total += len(chunk)
-        body = json.dumps({"sha256": digest.hexdigest(), "length": total, "rss_kb": _rss_kb(),
-                           "pid": os.getpid(), "version": VERSION})
+        body = json.dumps(
+            {
+                "sha256": digest.hexdigest(),
+                "length": total,
+                "rss_kb": _rss_kb(),
+                "pid": os.getpid(),
+                "version": VERSION,
+            }
+        )
         return _text(start_response, body, ctype="application/json")
     if path == "/lines":
         lines = list(environ["wsgi.input"])
@@ -68,8 +75,9 @@ def raw(environ, start_response):
                 left -= len(piece)
                 yield piece
 
-        start_response("200 OK", [("Content-Type", "application/octet-stream"),
-                                  ("Content-Length", str(size))])
+        start_response(
+            "200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(size))]
+        )
         return gen()
     if path == "/rss":
         return _text(start_response, json.dumps({"rss_kb": _rss_kb(), "pid": os.getpid()}))
@@ -81,6 +89,7 @@ def raw(environ, start_response):
     if path == "/error":
         raise RuntimeError("boom: the app failed on purpose")
     if path == "/error-after-start":
+
         def broken():
             yield b"partial"
             raise RuntimeError("boom after the response started")
@@ -107,10 +116,12 @@ def raw(environ, start_response):
             import sys
 
             start_response("200 OK", [("Content-Type", "text/plain")])
-            start_response("503 Service Unavailable", [("Content-Type", "text/plain")],
-                           sys.exc_info())
+            start_response(
+                "503 Service Unavailable", [("Content-Type", "text/plain")], sys.exc_info()
+            )
             return [b"replaced"]
     if path == "/close":
+
         class Body:
             def __iter__(self):
                 yield b"body"

@@ -72,16 +72,25 @@ def test_write_callable_and_close(serve, tmp: Path) -> None:
     assert request(server.address, "/write").body == b"written and returned"
     assert request(server.address, "/close").body == b"body"
     # close() runs right after the response is sent.
-    wait_for(lambda: close_file.exists() and close_file.read_text() == "closed\n", 5,
-             what="close() to be called")
+    wait_for(
+        lambda: close_file.exists() and close_file.read_text() == "closed\n",
+        5,
+        what="close() to be called",
+    )
 
 
 def test_body_without_content_length_and_readline(serve) -> None:
     server = serve()
     sock = socket.socket(socket.AF_UNIX)
     sock.connect(server.address)
-    params = {"REQUEST_METHOD": "POST", "PATH_INFO": "/lines", "SERVER_NAME": "x",
-              "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "QUERY_STRING": ""}
+    params = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/lines",
+        "SERVER_NAME": "x",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "QUERY_STRING": "",
+    }
     sock.sendall(encode_request(1, params, b"one\ntwo\nthree"))
     from fcgi_engine.client import Exchange
 
@@ -91,9 +100,19 @@ def test_body_without_content_length_and_readline(serve) -> None:
 
 def test_environ_normalisation(serve) -> None:
     server = serve()
-    env = json.loads(request(server.address, "/env", params={
-        "HTTPS": "on", "SCRIPT_NAME": "/env", "PATH_INFO": "", "SERVER_PORT": "",
-        "HTTP_HOST": "example.org:8443"}).body)
+    env = json.loads(
+        request(
+            server.address,
+            "/env",
+            params={
+                "HTTPS": "on",
+                "SCRIPT_NAME": "/env",
+                "PATH_INFO": "",
+                "SERVER_PORT": "",
+                "HTTP_HOST": "example.org:8443",
+            },
+        ).body
+    )
     assert env["wsgi.url_scheme"] == "https"
     assert (env["SCRIPT_NAME"], env["PATH_INFO"]) == ("", "/env")
     assert env["SERVER_PORT"] == "8443"
@@ -102,8 +121,11 @@ def test_environ_normalisation(serve) -> None:
 
 def test_malformed_records_close_only_that_connection(serve) -> None:
     server = serve(nproc=1)
-    for garbage in (b"\x07" * 64, encode_record(RecordType.STDIN, 5, b"x"),
-                    b"\x01\x01\x00\x01\xff\xff\x00\x00"):
+    for garbage in (
+        b"\x07" * 64,
+        encode_record(RecordType.STDIN, 5, b"x"),
+        b"\x01\x01\x00\x01\xff\xff\x00\x00",
+    ):
         sock = socket.socket(socket.AF_UNIX)
         sock.settimeout(5)
         sock.connect(server.address)
@@ -132,7 +154,10 @@ def test_import_error_exits_nonzero_naming_it(tmp: Path) -> None:
     started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "fcgi_engine", "serve", str(bad), "--listen", str(tmp / "b.sock")],
-        capture_output=True, text=True, timeout=30)
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode != 0
     assert "no_such_module_anywhere" in proc.stderr
     assert time.monotonic() - started < 10
@@ -141,16 +166,38 @@ def test_import_error_exits_nonzero_naming_it(tmp: Path) -> None:
 
 def test_missing_module_exits_nonzero(tmp: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "fcgi_engine", "serve", "nosuchmod:app", "--listen",
-         str(tmp / "m.sock")], capture_output=True, text=True, timeout=30)
+        [
+            sys.executable,
+            "-m",
+            "fcgi_engine",
+            "serve",
+            "nosuchmod:app",
+            "--listen",
+            str(tmp / "m.sock"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode != 0 and "nosuchmod" in proc.stderr
 
 
 def test_live_socket_refused_stale_socket_replaced(serve, tmp: Path) -> None:
     server = serve()
     proc = subprocess.run(
-        [sys.executable, "-m", "fcgi_engine", "serve", f"{APPS}/testapp.py", "--listen",
-         server.address], capture_output=True, text=True, timeout=30)
+        [
+            sys.executable,
+            "-m",
+            "fcgi_engine",
+            "serve",
+            f"{APPS}/testapp.py",
+            "--listen",
+            server.address,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode != 0 and "already listens" in proc.stderr
     assert request(server.address, "/hello").status == 200
     stale = tmp / "stale.sock"
@@ -194,9 +241,25 @@ def test_daemon_returns_when_ready(tmp: Path) -> None:
     pidfile = str(tmp / "d.pid")
     env = dict(os.environ, FCGI_TEST_TAG=f"daemon-{time.monotonic_ns()}")
     proc = subprocess.run(
-        [sys.executable, "-m", "fcgi_engine", "serve", f"{APPS}/testapp.py", "--listen", sock,
-         "--pidfile", pidfile, "--daemon", "--error-log", str(tmp / "d.log")],
-        capture_output=True, text=True, timeout=30, env=env)
+        [
+            sys.executable,
+            "-m",
+            "fcgi_engine",
+            "serve",
+            f"{APPS}/testapp.py",
+            "--listen",
+            sock,
+            "--pidfile",
+            pidfile,
+            "--daemon",
+            "--error-log",
+            str(tmp / "d.log"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
     try:
         assert proc.returncode == 0, proc.stderr
         assert request(sock, "/hello").status == 200  # ready when it returned
@@ -213,8 +276,20 @@ def test_daemon_reports_boot_error(tmp: Path) -> None:
     bad = tmp / "bad.py"
     bad.write_text("raise SystemError('cannot boot today')\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "fcgi_engine", "serve", str(bad), "--listen", str(tmp / "x.sock"),
-         "--daemon"], capture_output=True, text=True, timeout=30)
+        [
+            sys.executable,
+            "-m",
+            "fcgi_engine",
+            "serve",
+            str(bad),
+            "--listen",
+            str(tmp / "x.sock"),
+            "--daemon",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 1
     assert "cannot boot today" in proc.stderr
 
@@ -225,9 +300,12 @@ def test_fd0_listening_socket(tmp: Path) -> None:
     listener.bind(path)
     listener.listen(16)
     env = dict(os.environ, FCGI_TEST_TAG=f"fd0-{time.monotonic_ns()}")
-    proc = subprocess.Popen([sys.executable, "-m", "fcgi_engine", "serve",
-                             f"{APPS}/testapp.py"], stdin=listener.fileno(), env=env,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fcgi_engine", "serve", f"{APPS}/testapp.py"],
+        stdin=listener.fileno(),
+        env=env,
+        stderr=subprocess.PIPE,
+    )
     listener.close()
     try:
         wait_for(lambda: request(path, "/hello").status == 200, 15, what="fd 0 server")
@@ -241,16 +319,37 @@ def test_fd0_listening_socket(tmp: Path) -> None:
 
 def test_request_cli(serve) -> None:
     server = serve()
-    out = subprocess.run([sys.executable, "-m", "fcgi_engine", "request", server.address,
-                          "/echo", "-d", "abc", "-i"], capture_output=True, timeout=30)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fcgi_engine",
+            "request",
+            server.address,
+            "/echo",
+            "-d",
+            "abc",
+            "-i",
+        ],
+        capture_output=True,
+        timeout=30,
+    )
     assert out.returncode == 0
     assert out.stdout.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b'"length": 3' in out.stdout
-    missing = subprocess.run([sys.executable, "-m", "fcgi_engine", "request", "/nonexistent.sock"],
-                             capture_output=True, text=True, timeout=30)
+    missing = subprocess.run(
+        [sys.executable, "-m", "fcgi_engine", "request", "/nonexistent.sock"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert missing.returncode == 1 and "cannot connect" in missing.stderr
-    fail = subprocess.run([sys.executable, "-m", "fcgi_engine", "request", server.address,
-                           "/nope", "-f"], capture_output=True, text=True, timeout=30)
+    fail = subprocess.run(
+        [sys.executable, "-m", "fcgi_engine", "request", server.address, "/nope", "-f"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert fail.returncode == 22
 
 
@@ -268,8 +367,12 @@ def test_request_cli_protocol_breaker(tmp: Path) -> None:
         conn.close()
 
     threading.Thread(target=liar, daemon=True).start()
-    out = subprocess.run([sys.executable, "-m", "fcgi_engine", "request", path],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "fcgi_engine", "request", path],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 1 and "version" in out.stderr
     listener.close()
 

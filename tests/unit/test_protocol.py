@@ -96,15 +96,16 @@ def test_padding_is_skipped() -> None:
     content = b"abc"
     record = HEADER.pack(1, RecordType.STDIN, 1, len(content), 5) + content + b"\0" * 5
     conn = Connection()
-    conn.receive_data(encode_request(1, {}, b"")[: -8])  # everything but the final empty STDIN
+    conn.receive_data(encode_request(1, {}, b"")[:-8])  # everything but the final empty STDIN
     conn.receive_data(record + encode_record(RecordType.STDIN, 1))
     assert events(conn)[1:] == [StdinData(1, b"abc"), StdinEnd(1)]
 
 
 def test_get_values_answered_and_unknown_names_omitted() -> None:
     conn = Connection(Limits(max_conns=4, max_reqs=4))
-    query = encode_name_values([(b"FCGI_MAX_CONNS", b""), (b"FCGI_MPXS_CONNS", b""),
-                                (b"NOPE", b"")])
+    query = encode_name_values(
+        [(b"FCGI_MAX_CONNS", b""), (b"FCGI_MPXS_CONNS", b""), (b"NOPE", b"")]
+    )
     conn.receive_data(encode_record(RecordType.GET_VALUES, 0, query))
     assert events(conn) == []
     [(rtype, rid, content)] = parse_records(conn.data_to_send())
@@ -126,8 +127,9 @@ def test_other_roles_refused_with_unknown_role(role: int) -> None:
     conn.receive_data(encode_request(3, PARAMS, b"x", role=role))
     assert events(conn) == []
     records = parse_records(conn.data_to_send())
-    assert records == [(RecordType.END_REQUEST, 3, struct.pack("!LB3x", 0,
-                                                                ProtocolStatus.UNKNOWN_ROLE))]
+    assert records == [
+        (RecordType.END_REQUEST, 3, struct.pack("!LB3x", 0, ProtocolStatus.UNKNOWN_ROLE))
+    ]
     # The connection still serves a responder afterwards.
     conn.receive_data(encode_request(4, PARAMS, b""))
     assert isinstance(events(conn)[0], RequestReady)
@@ -139,8 +141,9 @@ def test_second_concurrent_request_refused_cant_mpx() -> None:
     conn.receive_data(encode_request(2, PARAMS, b"ignored")[16:])  # request 2's params + stdin
     assert events(conn) == []
     records = parse_records(conn.data_to_send())
-    assert records == [(RecordType.END_REQUEST, 2,
-                        struct.pack("!LB3x", 0, ProtocolStatus.CANT_MPX_CONN))]
+    assert records == [
+        (RecordType.END_REQUEST, 2, struct.pack("!LB3x", 0, ProtocolStatus.CANT_MPX_CONN))
+    ]
     conn.receive_data(encode_request(1, PARAMS, b"")[16:])
     assert events(conn)[0] == RequestReady(1, PARAMS, True)
 
@@ -159,7 +162,7 @@ def test_request_id_reused_after_end() -> None:
 def test_records_of_an_ended_request_are_ignored() -> None:
     conn = Connection()
     full = encode_request(1, PARAMS, b"unread body", keep_conn=True)
-    conn.receive_data(full[:-8 - 19])  # up to the params end
+    conn.receive_data(full[: -8 - 19])  # up to the params end
     assert isinstance(events(conn)[0], RequestReady)
     conn.end_request(1)
     conn.receive_data(full[-8 - 19 :] + encode_record(RecordType.ABORT_REQUEST, 1))
@@ -209,8 +212,12 @@ def test_params_limit_refuses_request_cleanly() -> None:
         (begin(1) + begin(1), "already open"),
         (encode_record(RecordType.STDOUT, 1, b"x"), "unexpected"),
         (encode_record(RecordType.BEGIN_REQUEST, 1, b"\0\1"), "BEGIN_REQUEST body"),
-        (begin(1) + encode_record(RecordType.PARAMS, 1, b"\x05\x05ab")
-         + encode_record(RecordType.PARAMS, 1), "only 2 remain"),
+        (
+            begin(1)
+            + encode_record(RecordType.PARAMS, 1, b"\x05\x05ab")
+            + encode_record(RecordType.PARAMS, 1),
+            "only 2 remain",
+        ),
     ],
 )
 def test_malformed_input_raises_protocol_error(data: bytes, message: str) -> None:
@@ -244,8 +251,9 @@ def test_large_output_split_into_records() -> None:
 LATIN1 = st.characters(max_codepoint=255)
 stream_requests = st.lists(
     st.tuples(
-        st.dictionaries(st.text(LATIN1, min_size=1, max_size=20),
-                        st.text(LATIN1, max_size=300), max_size=8),
+        st.dictionaries(
+            st.text(LATIN1, min_size=1, max_size=20), st.text(LATIN1, max_size=300), max_size=8
+        ),
         st.binary(max_size=3000),
     ),
     min_size=1,
@@ -254,10 +262,12 @@ stream_requests = st.lists(
 
 
 @settings(max_examples=150, deadline=None)
-@given(requests=stream_requests, cuts=st.lists(st.integers(min_value=0, max_value=20000),
-                                               max_size=30))
-def test_any_split_parses_the_same(requests: list[tuple[dict[str, str], bytes]],
-                                   cuts: list[int]) -> None:
+@given(
+    requests=stream_requests, cuts=st.lists(st.integers(min_value=0, max_value=20000), max_size=30)
+)
+def test_any_split_parses_the_same(
+    requests: list[tuple[dict[str, str], bytes]], cuts: list[int]
+) -> None:
     stream = b"".join(encode_request(1, p, b, keep_conn=True) for p, b in requests)
 
     def run(chunks: list[bytes]) -> list[object]:

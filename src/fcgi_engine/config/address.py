@@ -1,4 +1,4 @@
-"""ADDR: a unix socket path (`/run/app.sock`, `unix:/run/app.sock`) or `HOST:PORT` (`[::1]:9000`)."""
+"""ADDR: a unix socket path (`/run/app.sock`, `unix:/run/app.sock`) or HOST:PORT (`[::1]:9000`)."""
 
 from __future__ import annotations
 

@@ -38,8 +38,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("graceful_timeout", (int, float), 30.0, "seconds a draining worker may finish", 0),
     Setting("max_requests", int, 0, "recycle a worker after this many requests (0: never)", 0),
     Setting("max_requests_jitter", int, 0, "random extra requests before recycling", 0),
-    Setting("timeout", (int, float), 0.0, "kill a worker stuck on one request this long (0: off)",
-            0),
+    Setting(
+        "timeout", (int, float), 0.0, "kill a worker stuck on one request this long (0: off)", 0
+    ),
     Setting("max_body_size", int, 0, "largest request body in bytes (0: no limit)", 0),
     Setting("max_params_size", int, 1 << 20, "largest encoded params of one request", 1024),
     Setting("script_name", str, None, "the app's mount point (SCRIPT_NAME); default: root"),
@@ -100,8 +101,11 @@ def parse_mode(value: int | str) -> int:
 
 
 def default_pidfile(name: str) -> str:
-    base = "/run/fcgi-engine" if os.geteuid() == 0 else os.path.join(
-        os.environ.get("XDG_RUNTIME_DIR") or "/tmp", "fcgi-engine")
+    base = (
+        "/run/fcgi-engine"
+        if os.geteuid() == 0
+        else os.path.join(os.environ.get("XDG_RUNTIME_DIR") or "/tmp", "fcgi-engine")
+    )
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
     return os.path.join(base, f"{safe}.pid")
 

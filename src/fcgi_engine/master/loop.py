@@ -23,8 +23,14 @@ from fcgi_engine.master import policy as P
 log = logging.getLogger("fcgi_engine.master")
 
 HANDLED_SIGNALS = (
-    signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
-    signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2,
+    signal.SIGHUP,
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
 )
 REEXEC_ENV = "FCGI_ENGINE_REEXEC"
 _TAIL = 16384
@@ -57,9 +63,14 @@ class MasterLoop:
         self.control_sock = control_sock
         self.ready_fd = ready_fd
         self.log_stream = log_stream or sys.stderr
-        self.policy = P.MasterPolicy(P.Settings(
-            name=cfg.name, nproc=cfg.nproc, boot_timeout=cfg.boot_timeout,
-            graceful_timeout=cfg.graceful_timeout))
+        self.policy = P.MasterPolicy(
+            P.Settings(
+                name=cfg.name,
+                nproc=cfg.nproc,
+                boot_timeout=cfg.boot_timeout,
+                graceful_timeout=cfg.graceful_timeout,
+            )
+        )
         self.handoff_send, self.handoff_recv = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.children: dict[int, Child] = {}
         self.sel = selectors.DefaultSelector()
@@ -106,7 +117,9 @@ class MasterLoop:
                     self._read_output(obj)
             now = time.monotonic()
             while self.pending_signals:
-                self._execute(self.policy.handle(P.SignalReceived(self.pending_signals.pop(0), now)))
+                self._execute(
+                    self.policy.handle(P.SignalReceived(self.pending_signals.pop(0), now))
+                )
             self._reap(now)
             self._execute(self.policy.handle(P.Tick(now)))
             if self.reexec_requested:
@@ -131,28 +144,48 @@ class MasterLoop:
         env.pop(REEXEC_ENV, None)
         env.update({k: str(v) for k, v in self.cfg.environment.items()})
         env[ENV_KEY] = for_server(
-            self.cfg, gen_id, nproc, listen_fd=self.listener.fileno(),
-            channel_fd=theirs.fileno(), handoff_send_fd=self.handoff_send.fileno(),
-            handoff_recv_fd=self.handoff_recv.fileno()).to_json()
+            self.cfg,
+            gen_id,
+            nproc,
+            listen_fd=self.listener.fileno(),
+            channel_fd=theirs.fileno(),
+            handoff_send_fd=self.handoff_send.fileno(),
+            handoff_recv_fd=self.handoff_recv.fileno(),
+        ).to_json()
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (env.get("PYTHONPATH", ""), package_root) if p)
+            p for p in (env.get("PYTHONPATH", ""), package_root) if p
+        )
         cwd = os.path.realpath(self.cfg.chdir) if self.cfg.chdir else None
         try:
             proc = subprocess.Popen(
                 [self._python(), "-m", "fcgi_engine.serving", self.cfg.name],
-                pass_fds=(self.listener.fileno(), theirs.fileno(), self.handoff_send.fileno(),
-                          self.handoff_recv.fileno()),
-                cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_w, stderr=out_w,
-                start_new_session=True, close_fds=True,
+                pass_fds=(
+                    self.listener.fileno(),
+                    theirs.fileno(),
+                    self.handoff_send.fileno(),
+                    self.handoff_recv.fileno(),
+                ),
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out_w,
+                stderr=out_w,
+                start_new_session=True,
+                close_fds=True,
             )
         except OSError as exc:
             theirs.close()
             ours.close()
             os.close(out_r)
             os.close(out_w)
-            self._execute(self.policy.handle(P.GenerationFailed(
-                gen_id, time.monotonic(), f"cannot start {self._python()}: {exc}")))
+            self._execute(
+                self.policy.handle(
+                    P.GenerationFailed(
+                        gen_id, time.monotonic(), f"cannot start {self._python()}: {exc}"
+                    )
+                )
+            )
             self._execute(self.policy.handle(P.GenerationExited(gen_id, time.monotonic(), 127)))
             return
         theirs.close()
@@ -187,8 +220,9 @@ class MasterLoop:
                 continue
             kind = msg.get("event")
             if kind == "ready":
-                ev: P.Event = P.GenerationReady(child.gen_id, now, msg.get("pids", []),
-                                                msg.get("workers", []))
+                ev: P.Event = P.GenerationReady(
+                    child.gen_id, now, msg.get("pids", []), msg.get("workers", [])
+                )
             elif kind == "failed":
                 ev = P.GenerationFailed(child.gen_id, now, str(msg.get("error", "")))
             elif kind == "status":
@@ -235,8 +269,16 @@ class MasterLoop:
             self._read_channel(child)
             self._close_child(child)
             code = os.waitstatus_to_exitcode(status)
-            self._execute(self.policy.handle(P.GenerationExited(
-                child.gen_id, now, code, bytes(child.tail[-4000:]).decode("utf-8", "replace"))))
+            self._execute(
+                self.policy.handle(
+                    P.GenerationExited(
+                        child.gen_id,
+                        now,
+                        code,
+                        bytes(child.tail[-4000:]).decode("utf-8", "replace"),
+                    )
+                )
+            )
 
     def _unregister(self, obj: Any) -> None:
         try:
@@ -378,7 +420,7 @@ class MasterLoop:
     # ------------------------------------------------------------ re-exec in place
 
     def _reexec(self) -> None:
-        """Become a fresh master image (same pid), keeping the socket and the running generations."""
+        """Become a fresh master image (same pid), keeping the socket and the generations."""
         if self.policy.booting is not None:
             log.warning("%s: re-exec postponed: a rollout is running", self.cfg.name)
             return
@@ -389,17 +431,28 @@ class MasterLoop:
         for child in self.children.values():
             rec = self.policy.generations.get(child.gen_id)
             keep += [child.channel.fileno(), child.output]
-            gens.append({"id": child.gen_id, "pid": child.pid, "channel": child.channel.fileno(),
-                         "output": child.output, "phase": rec.phase.value if rec else "draining",
-                         "pids": rec.pids if rec else [], "workers": rec.workers if rec else []})
+            gens.append(
+                {
+                    "id": child.gen_id,
+                    "pid": child.pid,
+                    "channel": child.channel.fileno(),
+                    "output": child.output,
+                    "phase": rec.phase.value if rec else "draining",
+                    "pids": rec.pids if rec else [],
+                    "workers": rec.workers if rec else [],
+                }
+            )
         for fd in keep:
             os.set_inheritable(fd, True)
         state = {
             "listen": self.listener.fileno(),
             "handoff": [self.handoff_send.fileno(), self.handoff_recv.fileno()],
             "control": self.control_sock.fileno() if self.control_sock is not None else -1,
-            "active": self.policy.active, "next_id": self.policy.next_id, "generations": gens,
-            "nproc": self.policy.nproc, "unix_path": self.unix_path,
+            "active": self.policy.active,
+            "next_id": self.policy.next_id,
+            "generations": gens,
+            "nproc": self.policy.nproc,
+            "unix_path": self.unix_path,
         }
         os.environ[REEXEC_ENV] = json.dumps(state)
         argv = [sys.executable, *sys.orig_argv[1:]] if hasattr(sys, "orig_argv") else sys.argv
@@ -430,13 +483,23 @@ class MasterLoop:
             os.set_inheritable(g["output"], False)
             phase = P.Phase(g["phase"])
             pol.generations[g["id"]] = P.GenerationRecord(
-                g["id"], phase, now, deadline=now + self.cfg.graceful_timeout,
-                pids=g["pids"], workers=g["workers"], ready_at=now)
+                g["id"],
+                phase,
+                now,
+                deadline=now + self.cfg.graceful_timeout,
+                pids=g["pids"],
+                workers=g["workers"],
+                ready_at=now,
+            )
         pol.active = state["active"] if state["active"] in pol.generations else None
         for fd in (self.listener.fileno(), self.handoff_send.fileno(), self.handoff_recv.fileno()):
             os.set_inheritable(fd, False)
-        log.info("%s: master re-executed (pid %d), adopted generation %s", self.cfg.name,
-                 os.getpid(), pol.active)
+        log.info(
+            "%s: master re-executed (pid %d), adopted generation %s",
+            self.cfg.name,
+            os.getpid(),
+            pol.active,
+        )
         if pol.active is None:
             self._execute(pol._spawn(now))
 

@@ -100,8 +100,16 @@ class Tick:
 
 
 Event = (
-    Started | SignalReceived | RolloutRequested | StopRequested | StatusRequested
-    | GenerationReady | GenerationFailed | GenerationStatus | GenerationExited | Tick
+    Started
+    | SignalReceived
+    | RolloutRequested
+    | StopRequested
+    | StatusRequested
+    | GenerationReady
+    | GenerationFailed
+    | GenerationStatus
+    | GenerationExited
+    | Tick
 )
 
 # ---------------------------------------------------------------- actions
@@ -162,8 +170,15 @@ class Exit:
 
 
 Action = (
-    SpawnGeneration | SignalGeneration | KillGeneration | Reply | NotifyStarted | Log
-    | ReopenLogs | ReExec | Exit
+    SpawnGeneration
+    | SignalGeneration
+    | KillGeneration
+    | Reply
+    | NotifyStarted
+    | Log
+    | ReopenLogs
+    | ReExec
+    | Exit
 )
 
 
@@ -203,8 +218,10 @@ class MasterPolicy:
             gen_id, Phase.BOOTING, now, deadline=now + self.settings.boot_timeout
         )
         self.booting = gen_id
-        return [SpawnGeneration(gen_id, self.nproc),
-                Log("info", f"{self.settings.name}: booting generation {gen_id}")]
+        return [
+            SpawnGeneration(gen_id, self.nproc),
+            Log("info", f"{self.settings.name}: booting generation {gen_id}"),
+        ]
 
     def _name(self) -> str:
         return self.settings.name
@@ -212,13 +229,15 @@ class MasterPolicy:
     def snapshot(self, now: float) -> dict[str, Any]:
         gens = []
         for rec in sorted(self.generations.values(), key=lambda r: r.id):
-            gens.append({
-                "id": rec.id,
-                "phase": rec.phase.value,
-                "age": round(now - rec.started, 3),
-                "workers": rec.workers,
-                "pids": rec.pids,
-            })
+            gens.append(
+                {
+                    "id": rec.id,
+                    "phase": rec.phase.value,
+                    "age": round(now - rec.started, 3),
+                    "workers": rec.workers,
+                    "pids": rec.pids,
+                }
+            )
         active = self.generations.get(self.active) if self.active else None
         workers = active.workers if active else []
         return {
@@ -279,11 +298,16 @@ class MasterPolicy:
             if ev.reply_to is not None:
                 # Refused, not queued: the caller is told which rollout is running.
                 return self._reply(
-                    ev.reply_to, ok=False,
+                    ev.reply_to,
+                    ok=False,
                     error=f"a rollout is already running (generation {self.booting} is booting)",
                 )
-            return [Log("warning", f"{self._name()}: rollout refused: generation "
-                                   f"{self.booting} is still booting")]
+            return [
+                Log(
+                    "warning",
+                    f"{self._name()}: rollout refused: generation {self.booting} is still booting",
+                )
+            ]
         if ev.reply_to is not None:
             self.waiters.append(ev.reply_to)
         return self._spawn(ev.now)
@@ -309,8 +333,9 @@ class MasterPolicy:
                 rec.deadline = ev.now + self.settings.graceful_timeout
                 actions.append(SignalGeneration(rec.id, signal.SIGTERM))
         if first:
-            actions.insert(0, Log("info", f"{self._name()}: stopping "
-                                          f"({'fast' if ev.fast else 'graceful'})"))
+            actions.insert(
+                0, Log("info", f"{self._name()}: stopping ({'fast' if ev.fast else 'graceful'})")
+            )
         if not self.started_ok:
             actions.append(NotifyStarted(False, "stopped before it was ready"))
         actions += self._maybe_exit()
@@ -333,16 +358,24 @@ class MasterPolicy:
         self.crash_count = 0
         boot_time = round(ev.now - rec.started, 3)
         actions: list[Action] = [
-            Log("info", f"{self._name()}: generation {ev.gen_id} ready in {boot_time} s, "
-                        f"{len(ev.pids)} workers")
+            Log(
+                "info",
+                f"{self._name()}: generation {ev.gen_id} ready in {boot_time} s, "
+                f"{len(ev.pids)} workers",
+            )
         ]
         if old is not None and old in self.generations:
             old_rec = self.generations[old]
             old_rec.phase = Phase.DRAINING
             old_rec.deadline = ev.now + self.settings.graceful_timeout
             actions.append(SignalGeneration(old, signal.SIGHUP))
-        outcome = {"ok": True, "from": old, "to": ev.gen_id, "workers": len(ev.pids),
-                   "seconds": boot_time}
+        outcome = {
+            "ok": True,
+            "from": old,
+            "to": ev.gen_id,
+            "workers": len(ev.pids),
+            "seconds": boot_time,
+        }
         if old is not None or self.waiters:
             self.last_rollout = dict(outcome)
         for waiter in self.waiters:
@@ -364,8 +397,13 @@ class MasterPolicy:
             KillGeneration(gen_id),
             Log("error", f"{self._name()}: generation {gen_id} failed: {rec.error}"),
         ]
-        outcome = {"ok": False, "from": self.active, "to": gen_id, "error": rec.error,
-                   "rolled_back": self.active is not None}
+        outcome = {
+            "ok": False,
+            "from": self.active,
+            "to": gen_id,
+            "error": rec.error,
+            "rolled_back": self.active is not None,
+        }
         self.last_rollout = dict(outcome)
         for waiter in self.waiters:
             actions.append(Reply(waiter, dict(outcome)))
@@ -387,8 +425,11 @@ class MasterPolicy:
         self.crash_count += 1
         delay = min(self.settings.respawn_backoff * 2 ** (self.crash_count - 1), 30.0)
         self.respawn_at = now + delay
-        return [Log("error", f"{self._name()}: no generation serves; booting a new one in "
-                             f"{delay:.1f} s")]
+        return [
+            Log(
+                "error", f"{self._name()}: no generation serves; booting a new one in {delay:.1f} s"
+            )
+        ]
 
     def _on_GenerationFailed(self, ev: GenerationFailed) -> list[Action]:
         rec = self.generations.get(ev.gen_id)
@@ -413,15 +454,22 @@ class MasterPolicy:
         if ev.gen_id == self.booting:
             self.generations[ev.gen_id] = rec
             if not rec.error:
-                rec.error = (ev.output.strip() or
-                             f"the generation exited with status {ev.code} before it was ready")
+                rec.error = (
+                    ev.output.strip()
+                    or f"the generation exited with status {ev.code} before it was ready"
+                )
             actions += self._fail_booting(ev.now, rec.error)
             self.generations.pop(ev.gen_id, None)
         elif ev.gen_id == self.active:
             self.active = None
             if not self.stopping:
-                actions.append(Log("error", f"{self._name()}: generation {ev.gen_id} exited "
-                                            f"unexpectedly (status {ev.code})"))
+                actions.append(
+                    Log(
+                        "error",
+                        f"{self._name()}: generation {ev.gen_id} exited "
+                        f"unexpectedly (status {ev.code})",
+                    )
+                )
                 actions += self._spawn(ev.now)
         elif rec.phase is Phase.DRAINING:
             actions.append(Log("info", f"{self._name()}: generation {ev.gen_id} drained"))
@@ -429,15 +477,16 @@ class MasterPolicy:
         return actions
 
     def _maybe_exit(self) -> list[Action]:
-        if not self.stopping or self.generations and any(
-            r.phase is not Phase.FAILED for r in self.generations.values()
+        if (
+            not self.stopping
+            or self.generations
+            and any(r.phase is not Phase.FAILED for r in self.generations.values())
         ):
             return []
         if any(r.phase is Phase.FAILED for r in self.generations.values()):
             # Wait for the killed generation to be reaped first.
             return []
-        actions: list[Action] = [Reply(w, {"ok": True, "stopped": True})
-                                 for w in self.stop_waiters]
+        actions: list[Action] = [Reply(w, {"ok": True, "stopped": True}) for w in self.stop_waiters]
         self.stop_waiters = []
         return actions + [Exit(self.exit_code)]
 
@@ -447,16 +496,26 @@ class MasterPolicy:
             rec = self.generations[self.booting]
             if ev.now > rec.deadline:
                 actions += self._fail_booting(
-                    ev.now, f"not ready within boot_timeout ({self.settings.boot_timeout:g} s)")
+                    ev.now, f"not ready within boot_timeout ({self.settings.boot_timeout:g} s)"
+                )
         for rec in list(self.generations.values()):
             if rec.phase is Phase.DRAINING and ev.now > rec.deadline + 5.0:
                 # The generation kills its own workers at graceful_timeout; this is the backstop.
                 rec.deadline = ev.now + 3600
                 actions.append(KillGeneration(rec.id))
-                actions.append(Log("warning", f"{self._name()}: generation {rec.id} did not "
-                                              "drain in time; killed"))
-        if (self.respawn_at is not None and ev.now >= self.respawn_at and self.booting is None
-                and self.active is None and not self.stopping):
+                actions.append(
+                    Log(
+                        "warning",
+                        f"{self._name()}: generation {rec.id} did not drain in time; killed",
+                    )
+                )
+        if (
+            self.respawn_at is not None
+            and ev.now >= self.respawn_at
+            and self.booting is None
+            and self.active is None
+            and not self.stopping
+        ):
             self.respawn_at = None
             actions += self._spawn(ev.now)
         return actions

@@ -42,8 +42,11 @@ def _owner(cfg: ServerConfig) -> tuple[int, int] | None:
     import pwd
 
     uid = pwd.getpwnam(cfg.user).pw_uid if cfg.user else 0
-    gid = grp.getgrnam(cfg.group).gr_gid if cfg.group else (
-        pwd.getpwnam(cfg.user).pw_gid if cfg.user else 0)
+    gid = (
+        grp.getgrnam(cfg.group).gr_gid
+        if cfg.group
+        else (pwd.getpwnam(cfg.user).pw_gid if cfg.user else 0)
+    )
     return uid, gid
 
 
@@ -64,7 +67,8 @@ def open_listener(cfg: ServerConfig, inherit_fd0: bool) -> tuple[socket.socket, 
     try:
         address = parse_address(cfg.socket)
         return sockets.bind(address, cfg.socket_mode, _owner(cfg)), (
-            os.path.abspath(address.path) if isinstance(address, UnixAddress) else None)
+            os.path.abspath(address.path) if isinstance(address, UnixAddress) else None
+        )
     except (OSError, ValueError) as exc:
         raise StartError(f"cannot listen on {cfg.socket}: {exc}") from exc
 
@@ -126,8 +130,12 @@ def _serve_adopted(cfg: ServerConfig, state: dict[str, object]) -> int:
         _cleanup(cfg, unix_path, identity, cfg.control_path)
 
 
-def _cleanup(cfg: ServerConfig, unix_path: str | None, identity: tuple[int, int] | None,
-             control_path: str | None) -> None:
+def _cleanup(
+    cfg: ServerConfig,
+    unix_path: str | None,
+    identity: tuple[int, int] | None,
+    control_path: str | None,
+) -> None:
     if unix_path:
         sockets.remove_unix_socket(unix_path, identity)
     if control_path:
@@ -171,7 +179,7 @@ def _daemonize(cfg: ServerConfig) -> int:
         if text.startswith("ok"):
             print(f"{cfg.name}: started, master pid {pid}", flush=True)
             os._exit(0)
-        reason = text[len("fail "):] if text.startswith("fail") else "the master exited"
+        reason = text[len("fail ") :] if text.startswith("fail") else "the master exited"
         print(f"{cfg.name}: failed to start: {reason}", file=sys.stderr, flush=True)
         os._exit(1)
     os.close(r)

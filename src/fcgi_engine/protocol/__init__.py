@@ -16,6 +16,7 @@ from fcgi_engine.protocol.constants import (
     RecordType,
     Role,
 )
+from fcgi_engine.protocol.errors import ProtocolError
 from fcgi_engine.protocol.events import (
     NEED_DATA,
     ConnectionClosed,
@@ -26,7 +27,6 @@ from fcgi_engine.protocol.events import (
     StdinData,
     StdinEnd,
 )
-from fcgi_engine.protocol.errors import ProtocolError
 
 __all__ = [
     "FCGI_VERSION_1",

@@ -109,8 +109,9 @@ class Connection:
     def receive_data(self, data: bytes) -> None:
         """Feed bytes read from the transport; b"" means the peer closed its side."""
         if data:
-            if self._pos and self._pos == len(self._buf):
-                self._buf.clear()
+            if self._pos:
+                # Drop what was parsed, so a stream that always ends mid-record stays bounded.
+                del self._buf[: self._pos]
                 self._pos = 0
             self._buf += data
         else:
@@ -298,10 +299,8 @@ class Connection:
                 self.must_close = True
         if request_id not in self._ended:
             self._ended.append(request_id)
-        return (
-            encode_record(_STDOUT, request_id)
-            + encode_record(_END, request_id, END_REQUEST_BODY.pack(app_status & 0xFFFFFFFF,
-                                                                     protocol_status))
+        return encode_record(_STDOUT, request_id) + encode_record(
+            _END, request_id, END_REQUEST_BODY.pack(app_status & 0xFFFFFFFF, protocol_status)
         )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, TextIO
+from typing import Any
 
 _DROP = ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH")
 
@@ -10,7 +10,7 @@ _DROP = ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH")
 def build_environ(
     params: dict[str, str],
     wsgi_input: Any,
-    errors: TextIO,
+    errors: Any,
     script_name: str | None = None,
 ) -> dict[str, Any]:
     """The environ for one request.

@@ -50,10 +50,12 @@ class Generation:
         self.cfg = cfg
         self.channel = channel
         self.listener = socket.socket(fileno=cfg.listen_fd)
-        self.handoff_send = (socket.socket(fileno=cfg.handoff_send_fd)
-                             if cfg.handoff_send_fd >= 0 else None)
-        self.handoff_recv = (socket.socket(fileno=cfg.handoff_recv_fd)
-                             if cfg.handoff_recv_fd >= 0 else None)
+        self.handoff_send = (
+            socket.socket(fileno=cfg.handoff_send_fd) if cfg.handoff_send_fd >= 0 else None
+        )
+        self.handoff_recv = (
+            socket.socket(fileno=cfg.handoff_recv_fd) if cfg.handoff_recv_fd >= 0 else None
+        )
         self.board = Scoreboard(MAX_WORKERS)
         self.slots: list[_Slot] = []
         self.mode = "serving"  # serving | draining | stopping
@@ -61,8 +63,9 @@ class Generation:
         self.signals: list[int] = []
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.options = WorkerOptions(
-            limits=Limits(max_params_bytes=cfg.max_params_bytes, max_conns=cfg.nproc,
-                          max_reqs=cfg.nproc),
+            limits=Limits(
+                max_params_bytes=cfg.max_params_bytes, max_conns=cfg.nproc, max_reqs=cfg.nproc
+            ),
             max_body_size=cfg.max_body_size,
             io_timeout=cfg.io_timeout,
             max_requests=cfg.max_requests,
@@ -84,12 +87,14 @@ class Generation:
             if not slot.pid:
                 continue
             state = self.board.read(slot.index)
-            workers.append({
-                "pid": slot.pid,
-                "state": "busy" if state.busy else "idle",
-                "requests": state.requests,
-                "started": slot.started,
-            })
+            workers.append(
+                {
+                    "pid": slot.pid,
+                    "state": "busy" if state.busy else "idle",
+                    "requests": state.requests,
+                    "started": slot.started,
+                }
+            )
         return workers
 
     # ------------------------------------------------------------ workers
@@ -116,9 +121,16 @@ class Generation:
             options = self.options
             if max_requests != options.max_requests:
                 options = WorkerOptions(**{**options.__dict__, "max_requests": max_requests})
-            worker = Worker(self.app, self.listener, options, handoff_send=self.handoff_send,
-                            handoff_recv=self.handoff_recv,
-                            private=private, scoreboard=self.board, slot=slot.index)
+            worker = Worker(
+                self.app,
+                self.listener,
+                options,
+                handoff_send=self.handoff_send,
+                handoff_recv=self.handoff_recv,
+                private=private,
+                scoreboard=self.board,
+                slot=slot.index,
+            )
             worker.install_signals()
             worker.run()
         except SystemExit as exc:
@@ -179,8 +191,16 @@ class Generation:
 
     def run(self) -> int:
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT, signal.SIGINT,
-                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, signal.SIGUSR1):
+        for sig in (
+            signal.SIGHUP,
+            signal.SIGTERM,
+            signal.SIGQUIT,
+            signal.SIGINT,
+            signal.SIGTTIN,
+            signal.SIGTTOU,
+            signal.SIGCHLD,
+            signal.SIGUSR1,
+        ):
             signal.signal(sig, self._on_signal)
         self.boot()
         import select
@@ -195,8 +215,11 @@ class Generation:
             now = time.monotonic()
             if self._channel_closed():
                 if self.mode == "serving":
-                    log.error("%s: the master is gone; stopping generation %d",
-                              self.cfg.name, self.cfg.generation)
+                    log.error(
+                        "%s: the master is gone; stopping generation %d",
+                        self.cfg.name,
+                        self.cfg.generation,
+                    )
                     self._begin_drain(signal.SIGTERM, now, min(self.cfg.graceful_timeout, 5.0))
             while self.signals:
                 self._handle_signal(self.signals.pop(0), now)
@@ -207,8 +230,12 @@ class Generation:
                 self._respawn(now)
                 self._kill_stuck()
             elif now > self.drain_deadline:
-                log.warning("%s: generation %d did not drain within %.0f s; killing its workers",
-                            self.cfg.name, self.cfg.generation, self.cfg.graceful_timeout)
+                log.warning(
+                    "%s: generation %d did not drain within %.0f s; killing its workers",
+                    self.cfg.name,
+                    self.cfg.generation,
+                    self.cfg.graceful_timeout,
+                )
                 self.stop_workers(signal.SIGKILL)
                 self.drain_deadline = now + 3600
             if now - last_status >= 1.0:
@@ -280,12 +307,17 @@ class Generation:
                         slot.respawn_at = now
                     else:
                         slot.failures = slot.failures + 1 if lived < 5.0 else 1
-                        delay = 0.0 if slot.failures <= 1 else min(0.2 * 2 ** slot.failures, 30.0)
+                        delay = 0.0 if slot.failures <= 1 else min(0.2 * 2**slot.failures, 30.0)
                         slot.respawn_at = now + delay
                         how = f"signal {-code}" if code < 0 else f"status {code}"
-                        log.error("%s: worker %d died (%s) after %.1f s; respawning%s",
-                                  self.cfg.name, pid, how, lived,
-                                  f" in {delay:.1f} s" if delay else "")
+                        log.error(
+                            "%s: worker %d died (%s) after %.1f s; respawning%s",
+                            self.cfg.name,
+                            pid,
+                            how,
+                            lived,
+                            f" in {delay:.1f} s" if delay else "",
+                        )
                     break
 
     def _respawn(self, now: float) -> None:
@@ -302,9 +334,14 @@ class Generation:
                 continue
             state = self.board.read(slot.index)
             if state.busy and state.started and wall - state.started > self.cfg.timeout:
-                log.error("%s: worker %d stuck for %.1f s on %s; killing it (timeout %.0f s)",
-                          self.cfg.name, slot.pid, wall - state.started, state.path or "?",
-                          self.cfg.timeout)
+                log.error(
+                    "%s: worker %d stuck for %.1f s on %s; killing it (timeout %.0f s)",
+                    self.cfg.name,
+                    slot.pid,
+                    wall - state.started,
+                    state.path or "?",
+                    self.cfg.timeout,
+                )
                 try:
                     os.kill(slot.pid, signal.SIGKILL)
                 except ProcessLookupError:

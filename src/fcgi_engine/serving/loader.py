@@ -51,7 +51,7 @@ def load_app(spec: str) -> WSGIApp:
         raise AppLoadError(f"{target!r} defines no {name!r}")
     if not callable(app):
         raise AppLoadError(f"{target}:{name} is not callable")
-    return app  # type: ignore[no-any-return]
+    return app
 
 
 def _import_file(path: str) -> Any:

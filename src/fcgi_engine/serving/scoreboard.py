@@ -48,6 +48,4 @@ class Scoreboard:
 
     def read(self, slot: int) -> WorkerState:
         pid, busy, started, requests, path = _SLOT.unpack_from(self._map, slot * _SLOT.size)
-        return WorkerState(
-            pid, bool(busy), started, requests, path.rstrip(b"\0").decode("latin-1")
-        )
+        return WorkerState(pid, bool(busy), started, requests, path.rstrip(b"\0").decode("latin-1"))

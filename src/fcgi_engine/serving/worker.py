@@ -241,8 +241,9 @@ class Worker:
                 raise
             if self.options.allowed_addrs and isinstance(addr, tuple):
                 if addr[0] not in self.options.allowed_addrs:
-                    log.warning("refused a connection from %s (not in FCGI_WEB_SERVER_ADDRS)",
-                                addr[0])
+                    log.warning(
+                        "refused a connection from %s (not in FCGI_WEB_SERVER_ADDRS)", addr[0]
+                    )
                     sock.close()
                     continue
             self._adopt(sock, b"")
@@ -327,7 +328,11 @@ class Worker:
                         try:
                             data = sock.recv(RECV_SIZE)
                         except BlockingIOError:
-                            if self._draining and self._handoff_on_drain and conn.sock is not self.private:
+                            if (
+                                self._draining
+                                and self._handoff_on_drain
+                                and conn.sock is not self.private
+                            ):
                                 self._pass_on(conn)
                             return
                     else:
@@ -354,8 +359,11 @@ class Worker:
                 log.warning("refused request %d: %s", event.request_id, event.reason)
                 body = simple_response("431 Request Header Fields Too Large", event.reason + "\n")
                 try:
-                    send_all(sock, proto.stdout(event.request_id, body)
-                             + proto.end_request(event.request_id), timeout)
+                    send_all(
+                        sock,
+                        proto.stdout(event.request_id, body) + proto.end_request(event.request_id),
+                        timeout,
+                    )
                 except ClientDisconnected:
                     self._close(conn)
                     return
@@ -415,7 +423,9 @@ class Worker:
             send_all(sock, proto.stdout(rid, data), timeout)
 
         def finish(data: bytes) -> None:
-            out = proto.stdout(rid, data) + proto.end_request(rid) if data else proto.end_request(rid)
+            out = (
+                proto.stdout(rid, data) + proto.end_request(rid) if data else proto.end_request(rid)
+            )
             send_all(sock, out, timeout)
 
         stream = InputStream(pull, self.options.max_body_size)

@@ -19,8 +19,16 @@ _STATUS_RE = re.compile(r"^[1-9][0-9]{2} [^\x00-\x1f\x7f]*$")
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _HOP_BY_HOP = frozenset(
-    ("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-     "trailers", "transfer-encoding", "upgrade")
+    (
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    )
 )
 # Large chunks go out in pieces so no response doubles its size in memory while framed.
 _SEND_SLICE = 256 * 1024
@@ -61,7 +69,7 @@ def validate_headers(headers: Any) -> list[tuple[str, str]]:
             value.encode("latin-1")
         except UnicodeEncodeError:
             raise HeaderError(f"header {name} is not latin-1: {value!r}") from None
-    return headers  # type: ignore[no-any-return]
+    return headers
 
 
 def _head(status: str, headers: list[tuple[str, str]]) -> bytes:
@@ -176,13 +184,13 @@ def run_app(
                 _log_app_error(environ, "in the response's close()")
 
 
-def _send_sliced(send: Callable[[bytes], None], data: bytes) -> None:
+def _send_sliced(send: Callable[[Any], None], data: bytes) -> None:
     if len(data) <= _SEND_SLICE:
         send(data)
         return
     view = memoryview(data)
     for start in range(0, len(data), _SEND_SLICE):
-        send(view[start : start + _SEND_SLICE])  # type: ignore[arg-type]
+        send(view[start : start + _SEND_SLICE])
 
 
 def _log_app_error(environ: dict[str, Any], what: str) -> None:
@@ -206,5 +214,5 @@ class FileWrapper:
     def __next__(self) -> bytes:
         data = self.filelike.read(self.blksize)
         if data:
-            return data  # type: ignore[no-any-return]
+            return data
         raise StopIteration

@@ -16,7 +16,9 @@ class SocketInUse(OSError):
     """Another live server listens on this address."""
 
 
-def bind(address: Address, mode: int = 0o660, owner: tuple[int, int] | None = None) -> socket.socket:
+def bind(
+    address: Address, mode: int = 0o660, owner: tuple[int, int] | None = None
+) -> socket.socket:
     if isinstance(address, UnixAddress):
         return bind_unix(address.path, mode, owner)
     assert isinstance(address, TcpAddress)
