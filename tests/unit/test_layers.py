@@ -8,10 +8,17 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "fcgi_engine"
 
 LAYER = {
-    "protocol": 0, "config": 0,
-    "system": 1, "control": 1, "client": 1,
-    "serving": 2, "master": 2, "manager": 2,
-    "cli": 3, "__main__": 3, "__init__": 0,
+    "protocol": 0,
+    "config": 0,
+    "system": 1,
+    "control": 1,
+    "client": 1,
+    "serving": 2,
+    "master": 2,
+    "manager": 2,
+    "cli": 3,
+    "__main__": 3,
+    "__init__": 0,
 }
 FORBIDDEN = {
     "master": {"serving"},

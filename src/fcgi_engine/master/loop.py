@@ -378,6 +378,13 @@ class MasterLoop:
                         os.kill(child.pid, action.signum)
                     except ProcessLookupError:
                         pass
+            elif isinstance(action, P.ResizeGeneration):
+                child = self.children.get(action.gen_id)
+                if child is not None:
+                    try:
+                        child.channel.sendall(control.encode({"cmd": "nproc", "n": action.nproc}))
+                    except OSError:
+                        pass
             elif isinstance(action, P.KillGeneration):
                 child = self.children.get(action.gen_id)
                 if child is not None:

@@ -128,6 +128,14 @@ class SignalGeneration:
 
 
 @dataclass(frozen=True)
+class ResizeGeneration:
+    """Tell the generation how many workers to run (signals would coalesce; a count does not)."""
+
+    gen_id: int
+    nproc: int
+
+
+@dataclass(frozen=True)
 class KillGeneration:
     """SIGKILL the generation's whole process group."""
 
@@ -171,6 +179,7 @@ class Exit:
 
 Action = (
     SpawnGeneration
+    | ResizeGeneration
     | SignalGeneration
     | KillGeneration
     | Reply
@@ -208,6 +217,7 @@ class MasterPolicy:
         self.crash_count = 0
         self.respawn_at: float | None = None
         self.exit_code = 0
+        self.drain_waiters: dict[int, list[tuple[Any, dict[str, Any], float]]] = {}
 
     # ------------------------------------------------------------ helpers
 
@@ -279,7 +289,7 @@ class MasterPolicy:
             self.nproc += 1 if sig == signal.SIGTTIN else -1
             actions: list[Action] = [Log("info", f"{self._name()}: workers now {self.nproc}")]
             if self.active is not None:
-                actions.append(SignalGeneration(self.active, sig))
+                actions.append(ResizeGeneration(self.active, self.nproc))
             return actions
         if sig == signal.SIGUSR1:
             actions = [ReopenLogs()]
@@ -374,12 +384,18 @@ class MasterPolicy:
             "from": old,
             "to": ev.gen_id,
             "workers": len(ev.pids),
-            "seconds": boot_time,
+            "boot_seconds": boot_time,
         }
         if old is not None or self.waiters:
             self.last_rollout = dict(outcome)
-        for waiter in self.waiters:
-            actions.append(Reply(waiter, dict(outcome)))
+        if old is not None and old in self.generations:
+            # Answered once the old generation is gone: "ok" means the rollout is complete.
+            self.drain_waiters.setdefault(old, []).extend(
+                (waiter, dict(outcome), rec.started) for waiter in self.waiters
+            )
+        else:
+            for waiter in self.waiters:
+                actions.append(Reply(waiter, dict(outcome)))
         self.waiters = []
         if not self.started_ok:
             self.started_ok = True
@@ -473,6 +489,9 @@ class MasterPolicy:
                 actions += self._spawn(ev.now)
         elif rec.phase is Phase.DRAINING:
             actions.append(Log("info", f"{self._name()}: generation {ev.gen_id} drained"))
+        for waiter, outcome, started in self.drain_waiters.pop(ev.gen_id, []):
+            outcome["seconds"] = round(ev.now - started, 3)
+            actions.append(Reply(waiter, outcome))
         actions += self._maybe_exit()
         return actions
 

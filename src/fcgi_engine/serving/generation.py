@@ -61,6 +61,7 @@ class Generation:
         self.mode = "serving"  # serving | draining | stopping
         self.drain_deadline = 0.0
         self.signals: list[int] = []
+        self.channel_buf = b""
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.options = WorkerOptions(
             limits=Limits(
@@ -213,7 +214,7 @@ class Generation:
             poller.poll(500)
             _drain(self.wake_r)
             now = time.monotonic()
-            if self._channel_closed():
+            if not self._read_channel():
                 if self.mode == "serving":
                     log.error(
                         "%s: the master is gone; stopping generation %d",
@@ -242,14 +243,46 @@ class Generation:
                 last_status = now
                 self.report(event="status", workers=self.status())
 
-    def _channel_closed(self) -> bool:
+    def _read_channel(self) -> bool:
+        """Apply the master's commands; False when the master is gone (end of file)."""
         try:
-            data = self.channel.recv(4096, socket.MSG_DONTWAIT)
+            data = self.channel.recv(65536, socket.MSG_DONTWAIT)
         except BlockingIOError:
-            return False
-        except OSError:
             return True
-        return not data
+        except OSError:
+            return False
+        if not data:
+            return False
+        self.channel_buf += data
+        while b"\n" in self.channel_buf:
+            line, self.channel_buf = self.channel_buf.split(b"\n", 1)
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if msg.get("cmd") == "nproc" and self.mode == "serving":
+                self._resize(int(msg["n"]))
+        return True
+
+    def _resize(self, target: int) -> None:
+        live = [s for s in self.slots if not s.retired]
+        while len(live) > max(1, target):
+            slot = live.pop()
+            slot.retired = True
+            if slot.pid:
+                os.kill(slot.pid, signal.SIGTERM)
+        for slot in self.slots:
+            if len(live) >= min(target, MAX_WORKERS):
+                break
+            if slot.retired:
+                slot.retired = False
+                slot.respawn_at = 0.0
+                live.append(slot)
+        while len(live) < min(target, MAX_WORKERS):
+            slot = _Slot(len(self.slots))
+            self.slots.append(slot)
+            live.append(slot)
+        log.info("%s: %d workers", self.cfg.name, len(live))
 
     def _begin_drain(self, worker_signal: int, now: float, timeout: float) -> None:
         self.mode = "draining"
@@ -266,23 +299,6 @@ class Generation:
             self.mode = "stopping"
             self.stop_workers(signal.SIGQUIT)
             self.drain_deadline = now + 2.0
-        elif sig == signal.SIGTTIN and self.mode == "serving":
-            free = [s for s in self.slots if s.retired]
-            if free:
-                free[0].retired = False
-                free[0].respawn_at = 0.0
-            elif len(self.slots) < MAX_WORKERS:
-                slot = _Slot(len(self.slots))
-                self.slots.append(slot)
-            log.info("%s: workers +1 (TTIN)", self.cfg.name)
-        elif sig == signal.SIGTTOU and self.mode == "serving":
-            live = [s for s in self.slots if not s.retired]
-            if len(live) > 1:
-                slot = live[-1]
-                slot.retired = True
-                if slot.pid:
-                    os.kill(slot.pid, signal.SIGTERM)
-                log.info("%s: workers -1 (TTOU)", self.cfg.name)
         elif sig == signal.SIGUSR1:
             self.stop_workers(signal.SIGUSR1)
 

@@ -179,6 +179,8 @@ class Worker:
         ep.register(listen_fd, select.EPOLLIN | _EPOLLEXCLUSIVE)
         handoff_fd = -1
         if self.handoff_recv is not None:
+            # Shared by every worker of every generation: never block on it.
+            self.handoff_recv.setblocking(False)
             handoff_fd = self.handoff_recv.fileno()
             ep.register(handoff_fd, select.EPOLLIN | _EPOLLEXCLUSIVE)
         ep.register(self._wake_r, select.EPOLLIN)
@@ -298,6 +300,7 @@ class Worker:
 
     def _pass_on(self, conn: _Conn) -> None:
         assert self.handoff_send is not None
+        self.handoff_send.settimeout(5.0)
         try:
             socket.send_fds(self.handoff_send, [conn.proto.leftover], [conn.fd])
         except OSError as exc:
