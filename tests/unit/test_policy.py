@@ -1,0 +1,203 @@
+"""The master's pure policy: every signal and every rollout outcome, in milliseconds."""
+
+from __future__ import annotations
+
+import signal
+
+from fcgi_engine.master import policy as P
+
+
+def make(nproc: int = 2) -> P.MasterPolicy:
+    return P.MasterPolicy(P.Settings("api", nproc, boot_timeout=10, graceful_timeout=30))
+
+
+def kinds(actions: list[P.Action]) -> list[str]:
+    return [type(a).__name__ for a in actions if not isinstance(a, P.Log)]
+
+
+def started(pol: P.MasterPolicy) -> None:
+    assert kinds(pol.handle(P.Started(0.0))) == ["SpawnGeneration"]
+    acts = pol.handle(P.GenerationReady(1, 1.0, [11, 12]))
+    assert P.NotifyStarted(True, "generation 1 ready") in acts
+    assert pol.active == 1
+
+
+def test_start_spawns_and_ready_notifies() -> None:
+    started(make())
+
+
+def test_first_boot_failure_exits_nonzero() -> None:
+    pol = make()
+    pol.handle(P.Started(0.0))
+    acts = pol.handle(P.GenerationFailed(1, 0.5, "ImportError: no module x"))
+    assert P.KillGeneration(1) in acts
+    assert P.NotifyStarted(False, "ImportError: no module x") in acts
+    assert kinds(pol.handle(P.GenerationExited(1, 0.6, 1))) == ["Exit"]
+    assert pol.exit_code == 1
+
+
+def test_hup_rolls_out_and_drains_old_after_new_is_ready() -> None:
+    pol = make()
+    started(pol)
+    acts = pol.handle(P.SignalReceived(signal.SIGHUP, 5.0))
+    assert acts[0] == P.SpawnGeneration(2, 2)
+    # The old generation is untouched until the new one is ready.
+    assert not [a for a in acts if isinstance(a, P.SignalGeneration)]
+    acts = pol.handle(P.GenerationReady(2, 6.0, [21, 22]))
+    assert P.SignalGeneration(1, signal.SIGHUP) in acts
+    assert pol.active == 2
+
+
+def test_graceful_reply_waits_for_the_old_generation_to_exit() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(P.RolloutRequested(5.0, reply_to="caller"))
+    acts = pol.handle(P.GenerationReady(2, 6.0, [21, 22]))
+    assert not [a for a in acts if isinstance(a, P.Reply)]
+    acts = pol.handle(P.GenerationExited(1, 7.0, 0))
+    [reply] = [a for a in acts if isinstance(a, P.Reply)]
+    assert reply.reply_to == "caller"
+    assert reply.payload["ok"] and reply.payload["from"] == 1 and reply.payload["to"] == 2
+
+
+def test_failed_rollout_rolls_back_and_keeps_old() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(P.RolloutRequested(5.0, reply_to="caller"))
+    acts = pol.handle(P.GenerationFailed(2, 6.0, "RuntimeError: broken release"))
+    assert P.KillGeneration(2) in acts
+    [reply] = [a for a in acts if isinstance(a, P.Reply)]
+    assert reply.payload == {
+        "ok": False,
+        "from": 1,
+        "to": 2,
+        "error": "RuntimeError: broken release",
+        "rolled_back": True,
+    }
+    assert not [a for a in acts if isinstance(a, P.SignalGeneration)]
+    assert pol.active == 1
+    assert pol.handle(P.GenerationExited(2, 6.5, -9)) == []
+
+
+def test_boot_timeout_fails_the_rollout() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(P.RolloutRequested(5.0, reply_to="c"))
+    assert pol.handle(P.Tick(14.0)) == []
+    acts = pol.handle(P.Tick(15.5))
+    assert P.KillGeneration(2) in acts
+    [reply] = [a for a in acts if isinstance(a, P.Reply)]
+    assert "boot_timeout" in reply.payload["error"]
+
+
+def test_generation_exiting_before_ready_reports_its_output() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(P.RolloutRequested(5.0, reply_to="c"))
+    acts = pol.handle(P.GenerationExited(2, 5.5, 1, "Segmentation fault"))
+    [reply] = [a for a in acts if isinstance(a, P.Reply)]
+    assert reply.payload["error"] == "Segmentation fault"
+    assert pol.active == 1
+
+
+def test_second_rollout_refused_while_one_boots() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(P.RolloutRequested(5.0, reply_to="a"))
+    acts = pol.handle(P.RolloutRequested(5.1, reply_to="b"))
+    assert acts == [
+        P.Reply(
+            "b", {"ok": False, "error": "a rollout is already running (generation 2 is booting)"}
+        )
+    ]
+
+
+def test_term_drains_everything_then_exits_zero() -> None:
+    pol = make()
+    started(pol)
+    acts = pol.handle(P.SignalReceived(signal.SIGTERM, 9.0))
+    assert P.SignalGeneration(1, signal.SIGTERM) in acts
+    assert kinds(pol.handle(P.GenerationExited(1, 10.0, 0))) == ["Exit"]
+    assert pol.exit_code == 0
+
+
+def test_term_during_rollout_kills_the_booting_generation() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(P.RolloutRequested(5.0, reply_to="c"))
+    acts = pol.handle(P.SignalReceived(signal.SIGTERM, 5.5))
+    assert P.KillGeneration(2) in acts and P.SignalGeneration(1, signal.SIGTERM) in acts
+    pol.handle(P.GenerationExited(2, 5.6, -9))
+    assert kinds(pol.handle(P.GenerationExited(1, 6.0, 0))) == ["Exit"]
+
+
+def test_quit_and_int_are_fast_stops() -> None:
+    for sig in (signal.SIGQUIT, signal.SIGINT):
+        pol = make()
+        started(pol)
+        assert P.SignalGeneration(1, signal.SIGQUIT) in pol.handle(P.SignalReceived(sig, 3.0))
+
+
+def test_ttin_ttou_resize_by_count_with_a_minimum_of_one() -> None:
+    pol = make(nproc=1)
+    started(pol)
+    assert P.ResizeGeneration(1, 2) in pol.handle(P.SignalReceived(signal.SIGTTIN, 2.0))
+    assert P.ResizeGeneration(1, 1) in pol.handle(P.SignalReceived(signal.SIGTTOU, 2.1))
+    assert kinds(pol.handle(P.SignalReceived(signal.SIGTTOU, 2.2))) == []
+    assert pol.nproc == 1
+
+
+def test_usr1_reopens_logs_everywhere_and_usr2_reexecs() -> None:
+    pol = make()
+    started(pol)
+    acts = pol.handle(P.SignalReceived(signal.SIGUSR1, 2.0))
+    assert P.ReopenLogs() in acts and P.SignalGeneration(1, signal.SIGUSR1) in acts
+    assert P.ReExec() in pol.handle(P.SignalReceived(signal.SIGUSR2, 2.0))
+    pol.handle(P.RolloutRequested(3.0))
+    assert P.ReExec() not in pol.handle(P.SignalReceived(signal.SIGUSR2, 3.1))
+
+
+def test_active_generation_crash_boots_a_new_one() -> None:
+    pol = make()
+    started(pol)
+    acts = pol.handle(P.GenerationExited(1, 4.0, -9))
+    assert P.SpawnGeneration(2, 2) in acts
+
+
+def test_repeated_crashes_are_backed_off() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(P.GenerationExited(1, 4.0, -9))
+    pol.handle(P.GenerationFailed(2, 4.5, "crash"))
+    pol.handle(P.GenerationExited(2, 4.6, 1))
+    assert pol.booting is None and pol.respawn_at is not None
+    assert kinds(pol.handle(P.Tick(pol.respawn_at - 0.01))) == []
+    assert kinds(pol.handle(P.Tick(pol.respawn_at + 0.01))) == ["SpawnGeneration"]
+
+
+def test_draining_generation_killed_after_graceful_timeout_backstop() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(P.RolloutRequested(5.0))
+    pol.handle(P.GenerationReady(2, 6.0, [1]))
+    assert P.KillGeneration(1) not in pol.handle(P.Tick(36.0))
+    assert P.KillGeneration(1) in pol.handle(P.Tick(41.5))
+
+
+def test_status_snapshot() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(
+        P.GenerationStatus(
+            1,
+            2.0,
+            [
+                {"pid": 11, "state": "idle", "requests": 5},
+                {"pid": 12, "state": "busy", "requests": 7},
+            ],
+        )
+    )
+    [reply] = pol.handle(P.StatusRequested(3.0, "c"))
+    status = reply.payload["status"]
+    assert status["generation"] == 1 and status["requests"] == 12
+    assert status["workers_ready"] == 2 and status["state"] == "running"
