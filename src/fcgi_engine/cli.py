@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from fcgi_engine import __version__
 
@@ -88,7 +89,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
     _request_parser(sub)
+    for verb, text in MANAGER_VERBS.items():
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("names", nargs="*", metavar="NAME", help="servers (default: all)")
+        p.add_argument("--json", action="store_true", help="print JSON for machines")
+        if verb == "stop":
+            p.add_argument("--fast", action="store_true", help="do not wait for requests")
+    m = sub.add_parser("master", help=argparse.SUPPRESS)
+    m.add_argument("name")
+    m.add_argument("--pidfile", required=True)
+    m.add_argument("--daemon", action="store_true")
     return parser
+
+
+MANAGER_VERBS = {
+    "start": "start servers from the config (waits until ready)",
+    "stop": "stop servers (waits for in-flight requests)",
+    "restart": "stop, then start (with downtime; graceful is the lossless one)",
+    "graceful": "roll out new code with no lost request (starts a stopped server)",
+    "reload": "same as graceful",
+    "status": "show pid, workers, generation, uptime and requests served",
+    "check": "validate the config and import each app in a throw-away process",
+}
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -201,5 +223,111 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_serve(args)
     if args.command == "request":
         return cmd_request(args)
+    if args.command == "master":
+        return cmd_master(args)
+    if args.command in MANAGER_VERBS:
+        return cmd_manage(args)
     parser.print_help(sys.stderr)
     return EXIT_USAGE
+
+
+def _load(args: argparse.Namespace) -> tuple[str, list[Any]] | int:
+    from fcgi_engine.config.loader import ConfigError, find_config, load_config
+
+    path = find_config(args.config)
+    try:
+        return path, load_config(path)
+    except ConfigError as exc:
+        print(f"fcgi-engine: {exc}", file=sys.stderr)
+        return EXIT_NOT_CONFIGURED
+
+
+def cmd_master(args: argparse.Namespace) -> int:
+    from fcgi_engine.master.run import serve
+
+    loaded = _load(args)
+    if isinstance(loaded, int):
+        return loaded
+    _path, servers = loaded
+    matches = [s for s in servers if s.name == args.name]
+    if not matches:
+        print(f"fcgi-engine: no server named {args.name!r}", file=sys.stderr)
+        return EXIT_USAGE
+    server = matches[0]
+    if os.path.abspath(args.pidfile) != server.pidfile:
+        print(
+            f"fcgi-engine: {args.name}: the config now names pidfile {server.pidfile}",
+            file=sys.stderr,
+        )
+        return EXIT_NOT_CONFIGURED
+    return serve(server, daemon=args.daemon)
+
+
+def cmd_manage(args: argparse.Namespace) -> int:
+    import json
+
+    from fcgi_engine import manager
+
+    loaded = _load(args)
+    if isinstance(loaded, int):
+        return loaded
+    path, servers = loaded
+    known = {s.name: s for s in servers}
+    unknown = [n for n in args.names if n not in known]
+    if unknown:
+        print(
+            f"fcgi-engine: unknown server {', '.join(map(repr, unknown))} in {path} "
+            f"(known: {', '.join(known)})",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    selected = [known[n] for n in dict.fromkeys(args.names)] if args.names else servers
+    verb = "graceful" if args.command == "reload" else args.command
+
+    def progress(text: str) -> None:
+        if not args.json:
+            print(f"  ... {text}", file=sys.stderr, flush=True)
+
+    if verb == "start":
+        outcomes = manager.start(path, selected, progress)
+    elif verb == "stop":
+        outcomes = manager.stop(selected, fast=args.fast)
+    elif verb == "restart":
+        stopped = {o.name: o for o in manager.stop(selected)}
+        outcomes = []
+        to_start = [s for s in selected if stopped[s.name].ok]
+        started = {o.name: o for o in manager.start(path, to_start, progress)}
+        for s in selected:
+            outcomes.append(started.get(s.name) or stopped[s.name])
+    elif verb == "graceful":
+        outcomes = manager.graceful(path, selected, progress)
+    elif verb == "status":
+        outcomes = manager.status(selected)
+    else:
+        outcomes = [manager.check(s) for s in selected]
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": o.name,
+                        "ok": o.ok,
+                        "code": int(o.code),
+                        "message": o.message,
+                        "detail": o.detail,
+                        **o.data,
+                    }
+                    for o in outcomes
+                ],
+                indent=2,
+                default=str,
+            )
+        )
+    else:
+        for o in outcomes:
+            print(f"{o.name}: {o.message}", flush=True)
+            if o.detail and not o.ok:
+                for line in o.detail.splitlines()[-15:]:
+                    print(f"    {line}", file=sys.stderr)
+    codes = [int(o.code) for o in outcomes if o.code]
+    return max(codes) if codes else EXIT_OK

@@ -38,6 +38,8 @@ class GenerationConfig:
     argv: list[str] = field(default_factory=list)
     user: str | None = None
     group: str | None = None
+    command: list[str] = field(default_factory=list)
+    address: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -57,9 +59,9 @@ def for_server(
     handoff_send_fd: int,
     handoff_recv_fd: int,
 ) -> GenerationConfig:
-    app = cfg.app_spec
-    if app is None:
-        raise ValueError(f"server {cfg.name} has no app")
+    app = cfg.app_spec or ""
+    if not app and not cfg.command:
+        raise ValueError(f"server {cfg.name} has no app and no command")
     return GenerationConfig(
         name=cfg.name,
         generation=generation,
@@ -82,4 +84,6 @@ def for_server(
         argv=list(cfg.additional_args),
         user=cfg.user,
         group=cfg.group,
+        command=[*cfg.command, *cfg.additional_args] if cfg.command else [],
+        address=cfg.socket,
     )

@@ -211,7 +211,7 @@ class Generation:
         poller.register(self.channel.fileno(), select.POLLIN)
         last_status = 0.0
         while True:
-            poller.poll(500)
+            poller.poll(500 if self.mode == "serving" else 50)
             _drain(self.wake_r)
             now = time.monotonic()
             if not self._read_channel():
@@ -230,7 +230,9 @@ class Generation:
             if self.mode == "serving":
                 self._respawn(now)
                 self._kill_stuck()
-            elif now > self.drain_deadline:
+            elif now <= self.drain_deadline:
+                self._drain_tick()
+            else:
                 log.warning(
                     "%s: generation %d did not drain within %.0f s; killing its workers",
                     self.cfg.name,
@@ -283,6 +285,9 @@ class Generation:
             self.slots.append(slot)
             live.append(slot)
         log.info("%s: %d workers", self.cfg.name, len(live))
+
+    def _drain_tick(self) -> None:
+        """Called while draining; Python workers drain themselves."""
 
     def _begin_drain(self, worker_signal: int, now: float, timeout: float) -> None:
         self.mode = "draining"
@@ -384,7 +389,39 @@ def _set_parent_death_signal(sig: int) -> None:
         pass
 
 
+def check_app(spec: str) -> int:
+    """`python -m fcgi_engine.serving --check SPEC`: import the app and exit (5: not found)."""
+    try:
+        load_app(spec)
+    except AppLoadError as exc:
+        print(exc, file=sys.stderr)
+        if exc.__cause__ is not None:
+            traceback.print_exception(exc.__cause__, file=sys.stderr)
+        text = str(exc).lower()
+        # 5 (LSB "not installed"): the file or module itself is missing, not something it imports.
+        return 5 if text.startswith("no module named") or "does not exist" in text else 1
+    return 0
+
+
+def _drop_privileges(user: str | None, group: str | None) -> None:
+    if os.geteuid() != 0 or not (user or group):
+        return
+    import grp
+    import pwd
+
+    pw = pwd.getpwnam(user) if user else None
+    gid = grp.getgrnam(group).gr_gid if group else (pw.pw_gid if pw else os.getgid())
+    os.setgroups([])
+    os.setgid(gid)
+    if pw is not None:
+        os.initgroups(pw.pw_name, gid)
+        os.setuid(pw.pw_uid)
+        os.environ["HOME"] = pw.pw_dir
+
+
 def main() -> int:
+    if len(sys.argv) >= 3 and sys.argv[1] == "--check":
+        return check_app(sys.argv[2])
     cfg = GenerationConfig.from_json(os.environ.pop(ENV_KEY))
     logging.basicConfig(
         level=logging.INFO,
@@ -395,6 +432,24 @@ def main() -> int:
     channel = socket.socket(fileno=cfg.channel_fd)
     channel.setblocking(True)
     os.environ["FCGI_ENGINE_GENERATION_ID"] = str(cfg.generation)
+    try:
+        _drop_privileges(cfg.user, cfg.group)
+    except (KeyError, OSError) as exc:
+        channel.sendall(
+            json.dumps(
+                {
+                    "event": "failed",
+                    "error": f"cannot switch to user {cfg.user} / group {cfg.group}: {exc}",
+                }
+            ).encode()
+            + b"\n"
+        )
+        return 1
+    if cfg.command:
+        from fcgi_engine.serving.command import CommandGeneration
+
+        return CommandGeneration(cfg, channel).run()
+    sys.argv = [cfg.app, *cfg.argv]
     try:
         app = load_app(cfg.app)
     except AppLoadError as exc:

@@ -1,0 +1,426 @@
+"""The manager: acts on the YAML's servers through pidfiles, signals and the control channel.
+
+Each verb acts on each server independently and returns an Outcome per server; it prints
+nothing (the CLI does). Masters are started as separate daemon processes, all at once, so
+`start` of many servers takes as long as the slowest.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fcgi_engine import control
+from fcgi_engine.config.settings import ServerConfig
+from fcgi_engine.system import pidfile as pidfiles
+
+
+class Code(enum.IntEnum):
+    """LSB init-script exit codes."""
+
+    OK = 0
+    FAILURE = 1
+    USAGE = 2
+    NOT_RUNNING_STATUS = 3
+    UNKNOWN = 4
+    NOT_INSTALLED = 5
+    NOT_CONFIGURED = 6
+    NOT_RUNNING = 7
+
+
+@dataclass
+class Outcome:
+    name: str
+    code: Code
+    message: str
+    detail: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.code == Code.OK
+
+
+class State(enum.Enum):
+    RUNNING = "running"
+    STOPPED = "stopped"
+    STALE = "stale"  # a pidfile whose process is dead or not ours
+    UNKNOWN = "unknown"
+
+
+@dataclass
+class Probe:
+    state: State
+    pid: int | None = None
+    status: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+def probe(server: ServerConfig) -> Probe:
+    """What runs for this server, trusting the pidfile only for our own live master."""
+    assert server.pidfile is not None
+    pid = pidfiles.read_pidfile(server.pidfile)
+    if pid is None:
+        if os.path.lexists(server.pidfile):
+            return Probe(State.STALE, None, error="unreadable pidfile")
+        return Probe(State.STOPPED)
+    if not pidfiles.pid_alive(pid) or not pidfiles.is_our_master(pid, server.pidfile):
+        return Probe(State.STALE, pid)
+    try:
+        reply = control.call(server.control_path or "", {"cmd": "status"}, timeout=5)
+    except control.ControlError as exc:
+        return Probe(State.UNKNOWN, pid, error=str(exc))
+    return Probe(State.RUNNING, pid, reply.get("status", {}))
+
+
+def remove_stale_pidfile(server: ServerConfig, pid: int | None) -> None:
+    """Remove a pidfile that names a dead or foreign process (never touching that process)."""
+    assert server.pidfile is not None
+    current = pidfiles.read_pidfile(server.pidfile)
+    if current == pid:
+        try:
+            os.unlink(server.pidfile)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------- check
+
+
+def check(server: ServerConfig, timeout: float = 60.0) -> Outcome:
+    """Import the app in a throw-away process with the server's environment, or find the command."""
+    if server.command:
+        program = server.command[0]
+        from shutil import which
+
+        found = (
+            which(program)
+            if os.sep not in program
+            else (program if os.access(program, os.X_OK) else None)
+        )
+        if not found:
+            return Outcome(server.name, Code.NOT_INSTALLED, f"command not found: {program}")
+        return Outcome(server.name, Code.OK, f"ok, command {found}")
+    chdir = os.path.realpath(server.chdir) if server.chdir else None
+    if chdir and not os.path.isdir(chdir):
+        return Outcome(server.name, Code.NOT_INSTALLED, f"chdir {server.chdir} does not exist")
+    env = dict(os.environ)
+    env.update(server.environment)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), package_root) if p)
+    python = _python(server)
+    try:
+        proc = subprocess.run(
+            [python, "-m", "fcgi_engine.serving", "--check", server.app_spec or ""],
+            cwd=chdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+    except FileNotFoundError:
+        return Outcome(server.name, Code.NOT_INSTALLED, f"python not found: {python}")
+    except subprocess.TimeoutExpired:
+        return Outcome(server.name, Code.FAILURE, f"importing the app took over {timeout:g} s")
+    if proc.returncode == 0:
+        return Outcome(server.name, Code.OK, f"ok, {server.app_spec} imports")
+    text = (proc.stdout + proc.stderr).strip()
+    first = text.splitlines()[0] if text else f"exit status {proc.returncode}"
+    code = Code.NOT_INSTALLED if proc.returncode == 5 else Code.FAILURE
+    return Outcome(server.name, code, f"app check failed: {first}", detail=text)
+
+
+def _python(server: ServerConfig) -> str:
+    if not server.python:
+        return sys.executable
+    if os.path.isdir(server.python):
+        return os.path.join(server.python, "bin", "python")
+    return server.python
+
+
+# ---------------------------------------------------------------- start
+
+
+@dataclass
+class _Launch:
+    server: ServerConfig
+    proc: subprocess.Popen[str] | None
+    outcome: Outcome | None = None
+    note: str = ""
+
+
+def master_command(config_path: str, server: ServerConfig) -> list[str]:
+    """The master's command line: it names the pidfile, which is how we recognise it later."""
+    assert server.pidfile is not None
+    return [
+        sys.executable,
+        "-m",
+        "fcgi_engine",
+        "-c",
+        os.path.abspath(config_path),
+        "master",
+        server.name,
+        "--pidfile",
+        os.path.abspath(server.pidfile),
+    ]
+
+
+def start(
+    config_path: str, servers: Sequence[ServerConfig], progress: Callable[[str], None] | None = None
+) -> list[Outcome]:
+    """Start every server that is not running, in parallel; wait until each is ready or failed."""
+    launches: list[_Launch] = []
+    for server in servers:
+        launches.append(_begin_start(config_path, server))
+    deadline_extra = 15.0
+    started_at = time.monotonic()
+    last_progress = started_at
+    while any(launch.outcome is None for launch in launches):
+        for launch in launches:
+            if launch.outcome is not None or launch.proc is None:
+                continue
+            if launch.proc.poll() is not None:
+                launch.outcome = _finish_start(launch)
+            elif time.monotonic() - started_at > launch.server.boot_timeout + deadline_extra:
+                launch.proc.kill()
+                launch.outcome = Outcome(
+                    launch.server.name, Code.FAILURE, "failed to start: no answer from the master"
+                )
+        now = time.monotonic()
+        if progress and now - last_progress >= 1.0:
+            waiting = [launch.server.name for launch in launches if launch.outcome is None]
+            if waiting:
+                progress(f"waiting for {', '.join(waiting)} ({now - started_at:.0f} s)")
+            last_progress = now
+        time.sleep(0.02)
+    return [launch.outcome for launch in launches if launch.outcome is not None]
+
+
+def _begin_start(config_path: str, server: ServerConfig) -> _Launch:
+    state = probe(server)
+    note = ""
+    if state.state is State.RUNNING:
+        gen = state.status.get("generation")
+        return _Launch(
+            server,
+            None,
+            Outcome(
+                server.name,
+                Code.OK,
+                f"already running (pid {state.pid}, generation {gen})",
+                data=state.status,
+            ),
+        )
+    if state.state is State.UNKNOWN:
+        return _Launch(
+            server,
+            None,
+            Outcome(
+                server.name,
+                Code.FAILURE,
+                f"pid {state.pid} runs but does not answer: {state.error}",
+            ),
+        )
+    if state.state is State.STALE:
+        remove_stale_pidfile(server, state.pid)
+        note = f"stale pidfile removed (pid {state.pid}); "
+    checked = check(server)
+    if not checked.ok:
+        checked.message = note + checked.message
+        return _Launch(server, None, checked)
+    assert server.pidfile is not None
+    os.makedirs(os.path.dirname(server.pidfile), exist_ok=True)
+    proc = subprocess.Popen(
+        master_command(config_path, server) + ["--daemon"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return _Launch(server, proc, note=note)
+
+
+def _finish_start(launch: _Launch) -> Outcome:
+    assert launch.proc is not None
+    out, err = launch.proc.communicate()
+    name = launch.server.name
+    if launch.proc.returncode == 0:
+        state = probe(launch.server)
+        workers = len(state.status.get("workers", []))
+        return Outcome(
+            name,
+            Code.OK,
+            f"{launch.note}started (pid {state.pid}, generation "
+            f"{state.status.get('generation')}, {workers} workers)",
+            data=state.status,
+        )
+    reason = (err or out).strip().splitlines()
+    text = reason[-1] if reason else "the master exited"
+    text = text.split(": failed to start: ", 1)[-1]
+    return Outcome(
+        name, Code.FAILURE, f"{launch.note}failed to start: {text}", detail=(err or out).strip()
+    )
+
+
+# ---------------------------------------------------------------- stop
+
+
+def stop(servers: Sequence[ServerConfig], fast: bool = False) -> list[Outcome]:
+    pending: list[tuple[ServerConfig, int, float]] = []
+    outcomes: dict[str, Outcome] = {}
+    for server in servers:
+        state = probe(server)
+        if state.state is State.STOPPED:
+            outcomes[server.name] = Outcome(server.name, Code.OK, "not running")
+        elif state.state is State.STALE:
+            remove_stale_pidfile(server, state.pid)
+            outcomes[server.name] = Outcome(
+                server.name, Code.OK, f"not running (stale pidfile removed, pid {state.pid})"
+            )
+        else:
+            assert state.pid is not None
+            os.kill(state.pid, signal.SIGQUIT if fast else signal.SIGTERM)
+            pending.append((server, state.pid, time.monotonic()))
+    for server, pid, since in pending:
+        deadline = since + server.graceful_timeout + 10.0
+        while (
+            time.monotonic() < deadline
+            and pidfiles.pid_alive(pid)
+            and pidfiles.is_our_master(pid, server.pidfile or "")
+        ):
+            time.sleep(0.02)
+        if pidfiles.pid_alive(pid) and pidfiles.is_our_master(pid, server.pidfile or ""):
+            os.kill(pid, signal.SIGKILL)
+            outcomes[server.name] = Outcome(
+                server.name, Code.FAILURE, f"did not stop in time; killed pid {pid}"
+            )
+        else:
+            took = time.monotonic() - since
+            outcomes[server.name] = Outcome(
+                server.name, Code.OK, f"stopped (pid {pid}, {took:.1f} s)"
+            )
+    return [outcomes[s.name] for s in servers]
+
+
+# ---------------------------------------------------------------- graceful
+
+
+def graceful(
+    config_path: str, servers: Sequence[ServerConfig], progress: Callable[[str], None] | None = None
+) -> list[Outcome]:
+    outcomes: dict[str, Outcome] = {}
+    to_start: list[ServerConfig] = []
+    for server in servers:
+        state = probe(server)
+        if state.state in (State.STOPPED, State.STALE):
+            to_start.append(server)
+            continue
+        if state.state is State.UNKNOWN:
+            outcomes[server.name] = Outcome(
+                server.name, Code.FAILURE, f"pid {state.pid} does not answer: {state.error}"
+            )
+            continue
+        checked = check(server)
+        if not checked.ok:
+            outcomes[server.name] = Outcome(
+                server.name,
+                checked.code,
+                f"graceful refused, nothing changed: {checked.message}",
+                detail=checked.detail,
+            )
+            continue
+        outcomes[server.name] = _rollout(server)
+    for outcome in start(config_path, to_start, progress):
+        outcome.message = "was not running; " + outcome.message
+        outcomes[outcome.name] = outcome
+    return [outcomes[s.name] for s in servers]
+
+
+def _rollout(server: ServerConfig) -> Outcome:
+    started = time.monotonic()
+    try:
+        reply = control.call(
+            server.control_path or "",
+            {"cmd": "graceful"},
+            timeout=server.boot_timeout + server.graceful_timeout + 30,
+        )
+    except control.ControlError as exc:
+        return Outcome(server.name, Code.FAILURE, f"graceful failed: {exc}")
+    took = time.monotonic() - started
+    if reply.get("ok"):
+        return Outcome(
+            server.name,
+            Code.OK,
+            f"graceful ok, generation {reply.get('from')} -> {reply.get('to')}, "
+            f"{reply.get('workers')} workers, {took:.1f} s",
+            data=reply,
+        )
+    error = str(reply.get("error", "unknown error"))
+    first = error.strip().splitlines()[0] if error.strip() else error
+    what = "rolled back, old generation still serving" if reply.get("rolled_back") else "failed"
+    return Outcome(server.name, Code.FAILURE, f"graceful {what}: {first}", detail=error, data=reply)
+
+
+# ---------------------------------------------------------------- status
+
+
+def status(servers: Sequence[ServerConfig]) -> list[Outcome]:
+    outcomes = []
+    for server in servers:
+        state = probe(server)
+        if state.state is State.STOPPED:
+            outcomes.append(
+                Outcome(
+                    server.name, Code.NOT_RUNNING_STATUS, "not running", data={"state": "stopped"}
+                )
+            )
+        elif state.state is State.STALE:
+            outcomes.append(
+                Outcome(
+                    server.name,
+                    Code.FAILURE,
+                    f"not running, but a stale pidfile names pid {state.pid}",
+                    data={"state": "dead", "pid": state.pid},
+                )
+            )
+        elif state.state is State.UNKNOWN:
+            outcomes.append(
+                Outcome(
+                    server.name,
+                    Code.UNKNOWN,
+                    f"pid {state.pid}: cannot tell ({state.error})",
+                    data={"state": "unknown", "pid": state.pid},
+                )
+            )
+        else:
+            st = state.status
+            workers = st.get("workers", [])
+            busy = sum(1 for w in workers if w.get("state") == "busy")
+            outcomes.append(
+                Outcome(
+                    server.name,
+                    Code.OK,
+                    f"running, pid {state.pid}, generation {st.get('generation')}, workers "
+                    f"{len(workers)}/{st.get('nproc')} ({busy} busy), "
+                    f"up {_duration(st.get('uptime', 0))}, {st.get('requests', 0)} requests",
+                    data={"state": "running", "pid": state.pid, **st},
+                )
+            )
+    return outcomes
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
