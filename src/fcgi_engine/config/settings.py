@@ -92,9 +92,14 @@ class ServerConfig:
 def parse_mode(value: int | str) -> int:
     """A socket mode: 0660, "0660" or "660" all mean rw-rw----."""
     if isinstance(value, int):
-        # YAML reads 0660 as octal 432 and 660 as decimal 660; decimal-looking ints are octal text.
+        # YAML reads 0660 as octal (432): such values are modes already. An unquoted 660 is
+        # read as decimal, which is larger than any mode: its digits are the octal mode.
+        if 0 <= value <= 0o777:
+            return value
         text = str(value)
-        return int(text, 8) if re.fullmatch(r"[0-7]{3,4}", text) else value
+        if re.fullmatch(r"[0-7]{3,4}", text):
+            return int(text, 8)
+        raise ValueError(f"{value!r} is not an octal mode like 0660")
     if not re.fullmatch(r"0?o?[0-7]{3,4}", value.strip()):
         raise ValueError(f"{value!r} is not an octal mode like 0660")
     return int(value.strip().replace("o", ""), 8)

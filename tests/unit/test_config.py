@@ -1,0 +1,121 @@
+"""The YAML loader and ADDR parsing: every error names file, server, key and line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fcgi_engine.config.address import AddressError, TcpAddress, UnixAddress, parse_address
+from fcgi_engine.config.loader import ConfigError, load_config
+from fcgi_engine.config.settings import parse_mode
+
+SEED = """\
+- name: "shop.server"
+  nproc: 4
+  scriptname: "/srv/shop/current/shop.wsgi"
+  pidfile: "/run/shop.pid"
+  socket: "/run/shop.sock"
+  additional_args: ["--verbose"]
+"""
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "fcgi-engine.yml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_seed_format_verbatim(tmp_path: Path) -> None:
+    [server] = load_config(write(tmp_path, SEED))
+    assert server.name == "shop.server" and server.nproc == 4
+    assert server.scriptname == "/srv/shop/current/shop.wsgi"
+    assert server.app_spec == "/srv/shop/current/shop.wsgi"
+    assert server.chdir == "/srv/shop/current"
+    assert server.pidfile == "/run/shop.pid" and server.socket == "/run/shop.sock"
+    assert server.additional_args == ["--verbose"]
+    assert server.control_path == "/run/shop.pid.ctl"
+
+
+def test_mapping_with_defaults(tmp_path: Path) -> None:
+    servers = load_config(write(tmp_path, """\
+defaults: {nproc: 3, graceful_timeout: 10}
+servers:
+  - name: api
+    app: "api.main:app"
+    socket: "127.0.0.1:9001"
+    health: /healthz
+    socket_mode: "0600"
+  - name: php
+    command: ["/usr/bin/php-cgi"]
+    socket: run/php.sock
+    nproc: 1
+"""))
+    api, php = servers
+    assert (api.nproc, api.graceful_timeout, api.health) == (3, 10, "/healthz")
+    assert api.socket_mode == 0o600
+    assert php.nproc == 1 and php.command == ["/usr/bin/php-cgi"]
+    assert php.socket == str(tmp_path / "run/php.sock")  # relative to the file
+    assert php.pidfile and php.pidfile.endswith("php.pid")
+
+
+@pytest.mark.parametrize(
+    "text, fragments",
+    [
+        ("- name: a\n  socket: /s\n  app: x\n  nprocs: 2\n",
+         ["server 'a'", "key 'nprocs'", "unknown key", ":4:"]),
+        ("- name: a\n  socket: /s\n  app: x\n  nproc: two\n",
+         ["server 'a'", "key 'nproc'", "must be int", ":4:"]),
+        ("- name: a\n  socket: /s\n  app: x\n  nproc: 0\n", ["at least 1"]),
+        ("- name: a\n  app: x\n", ["server 'a'", "key 'socket'", "missing required"]),
+        ("- socket: /s\n  app: x\n", ["server '#1'", "key 'name'"]),
+        ("- name: a\n  socket: /s\n", ["exactly one of app, scriptname or command"]),
+        ("- name: a\n  socket: /s\n  app: x\n  command: [y]\n", ["exactly one"]),
+        ("- name: a\n  socket: /s\n  app: x\n- name: a\n  socket: /t\n  app: x\n",
+         ["duplicate name 'a'", ":4:"]),
+        ("- name: a\n  socket: /s\n  app: x\n- name: b\n  socket: /s\n  app: x\n",
+         ["duplicate socket"]),
+        ("- name: a\n  socket: 'nonsense'\n  app: x\n", ["key 'socket'"]),
+        ("- name: a\n  socket: /s\n  app: x\n  socket_mode: rwx\n", ["key 'socket_mode'"]),
+        ("- name: a\n  socket: /s\n  app: x\n  nproc: true\n", ["must be int"]),
+        ("- [1, 2\n", ["not valid YAML", ":2"]),
+        ("", ["empty"]),
+        ("servers: []\n", ["no servers"]),
+        ("servers: [{name: a, socket: /s, app: x}]\nextra: 1\n", ["key 'extra'"]),
+        ("defaults: {bogus: 1}\nservers: [{name: a, socket: /s, app: x}]\n", ["key 'bogus'"]),
+        ("- name: a\n  socket: /s\n  app: x\n  health: healthz\n", ["key 'health'"]),
+    ],
+)
+def test_invalid_configs_name_file_server_key(tmp_path: Path, text: str,
+                                              fragments: list[str]) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(path)
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(str(tmp_path / "nope.yml"))
+
+
+def test_addresses() -> None:
+    assert parse_address("/run/a.sock") == UnixAddress("/run/a.sock")
+    assert parse_address("unix:/run/a.sock") == UnixAddress("/run/a.sock")
+    assert parse_address("127.0.0.1:9000") == TcpAddress("127.0.0.1", 9000)
+    assert parse_address("[::1]:9000") == TcpAddress("::1", 9000)
+    assert parse_address("localhost:1") == TcpAddress("localhost", 1)
+    assert str(TcpAddress("::1", 9)) == "[::1]:9"
+    for bad in ("", "host", "host:0", "host:99999", "::1:9000", "[::1]9000", "unix:"):
+        with pytest.raises(AddressError):
+            parse_address(bad)
+
+
+def test_modes() -> None:
+    assert parse_mode("0660") == 0o660 and parse_mode("600") == 0o600
+    assert parse_mode(0o640) == 0o640 and parse_mode(660) == 0o660 and parse_mode(600) == 0o600 and parse_mode(0o660) == 0o660
+    with pytest.raises(ValueError):
+        parse_mode("0999")
