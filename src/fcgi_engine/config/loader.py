@@ -179,6 +179,8 @@ def _server(path: str, base: str, index: int, entry: Any, defaults: dict[str, An
         command = values["command"]
         if not command or not all(isinstance(part, str) for part in command):
             raise error("command", "must be a non-empty list of strings")
+        if os.sep in command[0] and not os.path.isabs(command[0]):
+            values["command"] = [os.path.join(base, command[0]), *command[1:]]
     for key in ("additional_args", "allowed_addrs"):
         if key in values and not all(isinstance(v, (str, int, float)) for v in values[key]):
             raise error(key, "must be a list of strings")
