@@ -66,6 +66,12 @@ class Probe:
 def probe(server: ServerConfig) -> Probe:
     """What runs for this server, trusting the pidfile only for our own live master."""
     assert server.pidfile is not None
+    if os.path.islink(server.pidfile):
+        return Probe(
+            State.UNKNOWN,
+            None,
+            error=f"pidfile {server.pidfile} is a symlink; refusing to read or replace it",
+        )
     pid = pidfiles.read_pidfile(server.pidfile)
     if pid is None:
         if os.path.lexists(server.pidfile):
@@ -76,7 +82,7 @@ def probe(server: ServerConfig) -> Probe:
     try:
         reply = control.call(server.control_path or "", {"cmd": "status"}, timeout=5)
     except control.ControlError as exc:
-        return Probe(State.UNKNOWN, pid, error=str(exc))
+        return Probe(State.UNKNOWN, pid, error=f"pid {pid} runs but does not answer: {exc}")
     return Probe(State.RUNNING, pid, reply.get("status", {}))
 
 
@@ -226,7 +232,7 @@ def _begin_start(config_path: str, server: ServerConfig) -> _Launch:
             Outcome(
                 server.name,
                 Code.FAILURE,
-                f"pid {state.pid} runs but does not answer: {state.error}",
+                state.error,
             ),
         )
     if state.state is State.STALE:
@@ -324,9 +330,7 @@ def graceful(
             to_start.append(server)
             continue
         if state.state is State.UNKNOWN:
-            outcomes[server.name] = Outcome(
-                server.name, Code.FAILURE, f"pid {state.pid} does not answer: {state.error}"
-            )
+            outcomes[server.name] = Outcome(server.name, Code.FAILURE, state.error)
             continue
         checked = check(server)
         if not checked.ok:
@@ -396,7 +400,7 @@ def status(servers: Sequence[ServerConfig]) -> list[Outcome]:
                 Outcome(
                     server.name,
                     Code.UNKNOWN,
-                    f"pid {state.pid}: cannot tell ({state.error})",
+                    f"cannot tell: {state.error}",
                     data={"state": "unknown", "pid": state.pid},
                 )
             )

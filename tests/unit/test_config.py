@@ -38,7 +38,10 @@ def test_seed_format_verbatim(tmp_path: Path) -> None:
 
 
 def test_mapping_with_defaults(tmp_path: Path) -> None:
-    servers = load_config(write(tmp_path, """\
+    servers = load_config(
+        write(
+            tmp_path,
+            """\
 defaults: {nproc: 3, graceful_timeout: 10}
 servers:
   - name: api
@@ -50,7 +53,9 @@ servers:
     command: ["/usr/bin/php-cgi"]
     socket: run/php.sock
     nproc: 1
-"""))
+""",
+        )
+    )
     api, php = servers
     assert (api.nproc, api.graceful_timeout, api.health) == (3, 10, "/healthz")
     assert api.socket_mode == 0o600
@@ -62,19 +67,27 @@ servers:
 @pytest.mark.parametrize(
     "text, fragments",
     [
-        ("- name: a\n  socket: /s\n  app: x\n  nprocs: 2\n",
-         ["server 'a'", "key 'nprocs'", "unknown key", ":4:"]),
-        ("- name: a\n  socket: /s\n  app: x\n  nproc: two\n",
-         ["server 'a'", "key 'nproc'", "must be int", ":4:"]),
+        (
+            "- name: a\n  socket: /s\n  app: x\n  nprocs: 2\n",
+            ["server 'a'", "key 'nprocs'", "unknown key", ":4:"],
+        ),
+        (
+            "- name: a\n  socket: /s\n  app: x\n  nproc: two\n",
+            ["server 'a'", "key 'nproc'", "must be int", ":4:"],
+        ),
         ("- name: a\n  socket: /s\n  app: x\n  nproc: 0\n", ["at least 1"]),
         ("- name: a\n  app: x\n", ["server 'a'", "key 'socket'", "missing required"]),
         ("- socket: /s\n  app: x\n", ["server '#1'", "key 'name'"]),
         ("- name: a\n  socket: /s\n", ["exactly one of app, scriptname or command"]),
         ("- name: a\n  socket: /s\n  app: x\n  command: [y]\n", ["exactly one"]),
-        ("- name: a\n  socket: /s\n  app: x\n- name: a\n  socket: /t\n  app: x\n",
-         ["duplicate name 'a'", ":4:"]),
-        ("- name: a\n  socket: /s\n  app: x\n- name: b\n  socket: /s\n  app: x\n",
-         ["duplicate socket"]),
+        (
+            "- name: a\n  socket: /s\n  app: x\n- name: a\n  socket: /t\n  app: x\n",
+            ["duplicate name 'a'", ":4:"],
+        ),
+        (
+            "- name: a\n  socket: /s\n  app: x\n- name: b\n  socket: /s\n  app: x\n",
+            ["duplicate socket"],
+        ),
         ("- name: a\n  socket: 'nonsense'\n  app: x\n", ["key 'socket'"]),
         ("- name: a\n  socket: /s\n  app: x\n  socket_mode: rwx\n", ["key 'socket_mode'"]),
         ("- name: a\n  socket: /s\n  app: x\n  nproc: true\n", ["must be int"]),
@@ -86,8 +99,9 @@ servers:
         ("- name: a\n  socket: /s\n  app: x\n  health: healthz\n", ["key 'health'"]),
     ],
 )
-def test_invalid_configs_name_file_server_key(tmp_path: Path, text: str,
-                                              fragments: list[str]) -> None:
+def test_invalid_configs_name_file_server_key(
+    tmp_path: Path, text: str, fragments: list[str]
+) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         load_config(path)
@@ -116,6 +130,11 @@ def test_addresses() -> None:
 
 def test_modes() -> None:
     assert parse_mode("0660") == 0o660 and parse_mode("600") == 0o600
-    assert parse_mode(0o640) == 0o640 and parse_mode(660) == 0o660 and parse_mode(600) == 0o600 and parse_mode(0o660) == 0o660
+    assert (
+        parse_mode(0o640) == 0o640
+        and parse_mode(660) == 0o660
+        and parse_mode(600) == 0o600
+        and parse_mode(0o660) == 0o660
+    )
     with pytest.raises(ValueError):
         parse_mode("0999")

@@ -1,0 +1,388 @@
+"""The manager through the CLI, as an init script or a deploy tool would call it."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fcgi_engine.client import request
+from tests.conftest import APPS, kill_tagged, wait_for
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+class Cli:
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.tag = f"mgr-{os.getpid()}-{time.monotonic_ns()}"
+
+    def __call__(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, FCGI_TEST_TAG=self.tag)
+        return subprocess.run(
+            [sys.executable, "-m", "fcgi_engine", "-c", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+
+
+@pytest.fixture
+def cli_for(tmp: Path):
+    made: list[Cli] = []
+
+    def make(text: str) -> Cli:
+        path = tmp / f"config{len(made)}.yml"
+        path.write_text(text)
+        cli = Cli(path)
+        made.append(cli)
+        return cli
+
+    yield make
+    for cli in made:
+        cli("stop", "--fast", timeout=60)
+        kill_tagged(cli.tag)
+
+
+def seed(tmp: Path, extra: str = "") -> str:
+    return f"""\
+- name: "shop.server"
+  nproc: 2
+  scriptname: "{APPS}/testapp.py"
+  pidfile: "{tmp}/shop.pid"
+  socket: "{tmp}/shop.sock"
+  additional_args: ["--flag"]
+{extra}"""
+
+
+def test_seed_yaml_lifecycle(cli_for, tmp: Path) -> None:
+    cli = cli_for(seed(tmp))
+    r = cli("status")
+    assert (r.returncode, r.stdout) == (3, "shop.server: not running\n")
+    r = cli("start")
+    assert r.returncode == 0, r.stderr
+    assert re.fullmatch(r"shop\.server: started \(pid \d+, generation 1, 2 workers\)\n", r.stdout)
+    pid = int((tmp / "shop.pid").read_text())
+    assert request(str(tmp / "shop.sock"), "/hello").status == 200
+    r = cli("status")
+    assert r.returncode == 0 and f"running, pid {pid}, generation 1, workers 2/2" in r.stdout
+    r = cli("start")
+    assert r.returncode == 0 and "already running" in r.stdout
+    assert int((tmp / "shop.pid").read_text()) == pid
+    r = cli("graceful")
+    assert r.returncode == 0 and "graceful ok, generation 1 -> 2, 2 workers" in r.stdout
+    r = cli("reload", "shop.server")
+    assert r.returncode == 0 and "generation 2 -> 3" in r.stdout
+    r = cli("status", "--json")
+    [data] = json.loads(r.stdout)
+    assert data["pid"] == pid and data["generation"] == 3 and data["state"] == "running"
+    r = cli("restart")
+    assert r.returncode == 0 and "started" in r.stdout
+    new_pid = int((tmp / "shop.pid").read_text())
+    assert new_pid != pid
+    r = cli("stop")
+    assert r.returncode == 0 and re.search(r"stopped \(pid \d+", r.stdout)
+    assert not (tmp / "shop.pid").exists() and not (tmp / "shop.sock").exists()
+    r = cli("stop")
+    assert (r.returncode, r.stdout) == (0, "shop.server: not running\n")
+    r = cli("graceful")
+    assert r.returncode != 0 or True
+    assert r.returncode == 0 and "was not running; started" in r.stdout
+
+
+def test_broken_server_beside_a_good_one(cli_for, tmp: Path) -> None:
+    (tmp / "broken.py").write_text("raise RuntimeError('this release is broken')\n")
+    cli = cli_for(
+        seed(tmp)
+        + f"""\
+- name: broken
+  app: "{tmp}/broken.py"
+  socket: "{tmp}/broken.sock"
+  pidfile: "{tmp}/broken.pid"
+- name: missing
+  app: "{tmp}/nope.py"
+  socket: "{tmp}/missing.sock"
+  pidfile: "{tmp}/missing.pid"
+"""
+    )
+    r = cli("start")
+    lines = dict(line.split(": ", 1) for line in r.stdout.splitlines())
+    assert lines["shop.server"].startswith("started")
+    assert "this release is broken" in lines["broken"]
+    assert "does not exist" in lines["missing"]
+    assert r.returncode == 5  # the worst: a program not installed
+    assert request(str(tmp / "shop.sock"), "/hello").status == 200
+    r = cli("check")
+    assert r.returncode == 5 and "shop.server: ok" in r.stdout
+    r = cli("check", "shop.server")
+    assert r.returncode == 0
+    assert cli("status", "broken").returncode == 3
+    assert cli("status", "nosuch").returncode == 2
+
+
+def test_pidfile_of_a_live_unrelated_process_is_left_alone(cli_for, tmp: Path) -> None:
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp / "shop.pid").write_text(f"{sleeper.pid}\n")
+        cli = cli_for(seed(tmp))
+        r = cli("status")
+        assert r.returncode == 1 and "stale pidfile" in r.stdout
+        r = cli("stop")
+        assert r.returncode == 0 and "stale pidfile removed" in r.stdout
+        assert sleeper.poll() is None  # never signalled
+        (tmp / "shop.pid").write_text(f"{sleeper.pid}\n")
+        r = cli("start")
+        assert r.returncode == 0 and "stale pidfile removed" in r.stdout
+        assert sleeper.poll() is None
+        assert int((tmp / "shop.pid").read_text()) != sleeper.pid
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_pidfile_of_a_dead_pid(cli_for, tmp: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp / "shop.pid").write_text(f"{dead.pid}\n")
+    cli = cli_for(seed(tmp))
+    assert cli("status").returncode == 1
+    r = cli("start")
+    assert r.returncode == 0 and "stale pidfile removed" in r.stdout
+
+
+def test_pidfile_symlink_is_refused(cli_for, tmp: Path) -> None:
+    target = tmp / "victim"
+    target.write_text("precious\n")
+    os.symlink(target, tmp / "shop.pid")
+    cli = cli_for(seed(tmp))
+    r = cli("start")
+    assert r.returncode != 0
+    assert target.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("- name: a\n  socket: /tmp/x.sock\n  app: x\n  bogus: 1\n", "key 'bogus'"),
+        ("- name: a\n  socket: /tmp/x.sock\n  app: x\n  nproc: many\n", "key 'nproc'"),
+        ("- name: a\n  app: x\n", "key 'socket'"),
+        ("- [oops\n", "not valid YAML"),
+    ],
+)
+def test_invalid_config_exit_6_without_traceback(cli_for, text: str, fragment: str) -> None:
+    cli = cli_for(text)
+    for verb in ("start", "status", "stop", "graceful", "check"):
+        r = cli(verb)
+        assert r.returncode == 6, (verb, r.stderr)
+        assert fragment in r.stderr and str(cli.config) in r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_missing_config_is_exit_6(tmp: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "fcgi_engine", "-c", str(tmp / "none.yml"), "status"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 6 and "no such config file" in r.stderr
+
+
+def test_config_from_environment_and_default_path(cli_for, tmp: Path) -> None:
+    cli = cli_for(seed(tmp))
+    env = dict(os.environ, FCGI_ENGINE_CONFIG=str(cli.config))
+    r = subprocess.run(
+        [sys.executable, "-m", "fcgi_engine", "status"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    assert r.returncode == 3 and "shop.server" in r.stdout
+    (tmp / "fcgi-engine.yml").write_text(cli.config.read_text())
+    r = subprocess.run(
+        [sys.executable, "-m", "fcgi_engine", "status"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp,
+    )
+    assert r.returncode == 3 and "shop.server" in r.stdout
+
+
+def test_perl_command_server_rolled_out_under_load(cli_for, tmp: Path, nginx) -> None:
+    cli = cli_for(f"""\
+- name: perl
+  nproc: 2
+  command: ["{EXAMPLES}/perl/hello.fcgi"]
+  socket: "{tmp}/perl.sock"
+  pidfile: "{tmp}/perl.pid"
+  environment: {{HELLO_VERSION: "p1"}}
+""")
+    r = cli("start")
+    assert r.returncode == 0, r.stdout + r.stderr
+    front = nginx(str(tmp / "perl.sock"), keep_conn=False)
+    errors: list[str] = []
+    ok = [0]
+    stop = threading.Event()
+
+    def load() -> None:
+        for _ in range(100000):
+            if stop.is_set():
+                return
+            conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=10)
+            try:
+                conn.request("GET", "/x")
+                resp = conn.getresponse()
+                body = resp.read()
+                if resp.status != 200 or not body.startswith(b"hello from perl"):
+                    errors.append(f"{resp.status} {body[:80]!r}")
+                else:
+                    ok[0] += 1
+            except Exception as exc:  # noqa: BLE001
+                errors.append(repr(exc))
+            finally:
+                conn.close()
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: ok[0] > 50, 10, what="load")
+        for n in range(3):
+            r = cli("graceful")
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert f"generation {n + 1} -> {n + 2}" in r.stdout
+            before = ok[0]
+            wait_for(lambda b=before: ok[0] > b + 20, 10, what="requests after the rollout")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(20)
+    assert not errors, errors[:5]
+    assert "upstream" not in front.error_log()
+
+
+def test_parallel_start(cli_for, tmp: Path) -> None:
+    slow = tmp / "slow.py"
+    slow.write_text(
+        "import time\ntime.sleep(1.5)\n"
+        "def application(e, s):\n    s('200 OK', [])\n    return [b'ok']\n"
+    )
+    servers = "".join(
+        f"""\
+- name: s{i}
+  app: "{slow}"
+  nproc: 2
+  socket: "{tmp}/s{i}.sock"
+  pidfile: "{tmp}/s{i}.pid"
+"""
+        for i in range(4)
+    )
+    cli = cli_for(servers)
+    started = time.monotonic()
+    r = cli("start")
+    took = time.monotonic() - started
+    assert r.returncode == 0 and r.stdout.count("started") == 4
+    # Four 1.5 s boots (plus a 1.5 s check each) in parallel, not one after another.
+    assert took < 4 * 1.5 * 2
+
+
+def test_init_script_actions(cli_for, tmp: Path) -> None:
+    cli = cli_for(seed(tmp))
+    env = dict(
+        os.environ,
+        FCGI_ENGINE=f"{sys.executable} -m fcgi_engine",
+        FCGI_ENGINE_CONFIG=str(cli.config),
+        FCGI_TEST_TAG=cli.tag,
+    )
+    wrapper = tmp / "fcgi-engine"
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} -m fcgi_engine "$@"\n')
+    wrapper.chmod(0o755)
+    env["FCGI_ENGINE"] = str(wrapper)
+    script = str(EXAMPLES / "init.d" / "fcgi-engine")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["sh", script, *args], capture_output=True, text=True, timeout=120, env=env
+        )
+
+    assert run("status").returncode == 3
+    assert run("start").returncode == 0
+    assert run("status").returncode == 0
+    r = run("reload")
+    assert r.returncode == 0 and "graceful ok" in r.stdout
+    assert run("stop").returncode == 0
+    assert run("status").returncode == 3
+    assert run("bogus").returncode == 2
+    env["FCGI_ENGINE"] = str(tmp / "not-installed")
+    assert run("start").returncode == 5
+
+
+def test_systemd_unit_calls_valid_commands(cli_for, tmp: Path) -> None:
+    unit = (EXAMPLES / "systemd" / "fcgi-engine.service").read_text()
+    execs = dict(re.findall(r"^(Exec\w+)=(.+)$", unit, re.M))
+    assert set(execs) == {"ExecStartPre", "ExecStart", "ExecReload", "ExecStop"}
+    assert "Type=oneshot" in unit and "RemainAfterExit=yes" in unit
+    cli = cli_for(seed(tmp))
+    expected = {"ExecStartPre": 0, "ExecStart": 0, "ExecReload": 0, "ExecStop": 0}
+    for key in ("ExecStartPre", "ExecStart", "ExecReload", "ExecStop"):
+        binary, *args = execs[key].split()
+        assert binary.endswith("/fcgi-engine")
+        r = cli(*args)
+        assert r.returncode == expected[key], (key, r.stdout, r.stderr)
+
+
+def test_graceful_rollback_is_reported(cli_for, tmp: Path) -> None:
+    site = tmp / "site"
+    (site / "r1").mkdir(parents=True)
+    (site / "r1" / "app.py").write_text(
+        "def application(e, s):\n    s('200 OK', [])\n    return [b'r1']\n"
+    )
+    (site / "current").symlink_to(site / "r1")
+    cli = cli_for(f"""\
+- name: app
+  app: app.py
+  chdir: "{site}/current"
+  socket: "{tmp}/app.sock"
+  pidfile: "{tmp}/app.pid"
+""")
+    assert cli("start").returncode == 0
+    (site / "r2").mkdir()
+    (site / "r2" / "app.py").write_text("import nonexistent_dependency_xyz\n")
+    (site / "current").unlink()
+    (site / "current").symlink_to(site / "r2")
+    r = cli("graceful")
+    assert r.returncode == 1
+    assert "nonexistent_dependency_xyz" in r.stdout
+    assert request(str(tmp / "app.sock"), "/").body == b"r1"
+
+
+def test_stop_signals_only_our_master(cli_for, tmp: Path) -> None:
+    cli = cli_for(seed(tmp))
+    assert cli("start").returncode == 0
+    pid = int((tmp / "shop.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    wait_for(
+        lambda: (
+            not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        ),
+        5,
+        what="the master to die",
+    )
+    r = cli("status")
+    assert r.returncode == 1
+    r = cli("start")
+    assert r.returncode == 0 and "stale pidfile removed" in r.stdout
