@@ -313,3 +313,18 @@ def test_name_value_decoder_never_trusts_declared_lengths(data: bytes) -> None:
     except ProtocolError:
         return
     assert sum(len(n) + len(v) for n, v in pairs) <= len(data) + 5
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.binary(max_size=300), st.binary(max_size=300)), max_size=10))
+def test_fast_params_decoder_matches_the_general_one(pairs: list[tuple[bytes, bytes]]) -> None:
+    from fcgi_engine.protocol.codec import decode_params
+
+    encoded = encode_name_values(pairs)
+    expected = {n.decode("latin-1"): v.decode("latin-1") for n, v in decode_name_values(encoded)}
+    assert decode_params(encoded) == expected
+    for cut in range(1, min(len(encoded), 12)):
+        try:
+            decode_params(encoded[:-cut])
+        except ProtocolError:
+            pass

@@ -88,3 +88,41 @@ def decode_name_values(data: bytes | bytearray | memoryview) -> list[tuple[bytes
         pairs.append((name, buf[pos : pos + value_len]))
         pos += value_len
     return pairs
+
+
+def decode_params(data: bytes | bytearray) -> dict[str, str]:
+    """Decode a complete name-value block straight to latin-1 strings (the hot path).
+
+    Latin-1 maps each byte to one character, so the block is decoded once and sliced: the
+    lengths, counted in bytes, are the same in characters.
+    """
+    raw = bytes(data)
+    text = raw.decode("latin-1")
+    end = len(raw)
+    pos = 0
+    out: dict[str, str] = {}
+    try:
+        while pos < end:
+            name_len = raw[pos]
+            if name_len < 0x80:
+                pos += 1
+            else:
+                name_len = int.from_bytes(raw[pos : pos + 4], "big") & 0x7FFFFFFF
+                pos += 4
+            value_len = raw[pos]
+            if value_len < 0x80:
+                pos += 1
+            else:
+                value_len = int.from_bytes(raw[pos : pos + 4], "big") & 0x7FFFFFFF
+                pos += 4
+            stop = pos + name_len + value_len
+            if stop > end:
+                raise ProtocolError(
+                    f"name-value pair declares {name_len}+{value_len} bytes, "
+                    f"only {end - pos} remain"
+                )
+            out[text[pos : pos + name_len]] = text[pos + name_len : stop]
+            pos = stop
+    except IndexError:
+        raise ProtocolError("name-value pair cut short in its lengths") from None
+    return out

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from fcgi_engine.protocol.codec import (
     decode_name_values,
+    decode_params,
     encode_name_values,
     encode_record,
     encode_records,
@@ -241,10 +242,7 @@ class Connection:
                     )
                 request.params += content
                 return None
-            params = {
-                name.decode("latin-1"): value.decode("latin-1")
-                for name, value in decode_name_values(request.params)
-            }
+            params = decode_params(request.params)
             request.params = bytearray()
             request.stage = _Stage.STDIN
             return RequestReady(rid, params, request.keep_conn)

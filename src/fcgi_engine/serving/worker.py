@@ -55,12 +55,13 @@ class WorkerOptions:
 
 
 class _Conn:
-    __slots__ = ("sock", "fd", "proto")
+    __slots__ = ("sock", "fd", "proto", "registered")
 
     def __init__(self, sock: socket.socket, proto: Connection) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.proto = proto
+        self.registered = False
 
 
 def send_all(sock: socket.socket, data: bytes | memoryview, timeout: float) -> None:
@@ -138,6 +139,8 @@ class Worker:
         self.errors = ErrorStream(errors or _stderr())
         self.requests = 0
         self.conns: dict[int, _Conn] = {}
+        # Connections with a whole request already buffered: served before waiting again.
+        self.pending: dict[int, _Conn] = {}
         self._draining = False
         self._handoff_on_drain = False
         self._stop_now = False
@@ -197,9 +200,15 @@ class Worker:
             if self._draining and not self.conns:
                 return
             try:
-                events = ep.poll(1.0)
+                events = ep.poll(0 if self.pending else 1.0)
             except InterruptedError:
                 continue
+            if self.pending:
+                ready = list(self.pending.values())
+                self.pending.clear()
+                for conn in ready:
+                    if conn.fd in self.conns:
+                        self._serve(conn)
             if os.getppid() != self._parent:
                 log.warning("worker %d: generation is gone, exiting", os.getpid())
                 return
@@ -268,12 +277,18 @@ class Worker:
         if leftover:
             conn.proto.receive_data(leftover)
         self.conns[conn.fd] = conn
-        self._epoll.register(conn.fd, select.EPOLLIN)
-        # Most connections arrive with their first request already sent: serve it now.
+        # Most connections arrive with their first request already sent: serve it now, and
+        # watch the connection only if it stays open.
         self._serve(conn)
 
+    def _watch(self, conn: _Conn) -> None:
+        if not conn.registered and conn.fd in self.conns:
+            self._epoll.register(conn.fd, select.EPOLLIN)
+            conn.registered = True
+
     def _close(self, conn: _Conn) -> None:
-        if self.conns.pop(conn.fd, None) is not None:
+        self.pending.pop(conn.fd, None)
+        if self.conns.pop(conn.fd, None) is not None and conn.registered:
             try:
                 self._epoll.unregister(conn.fd)
             except OSError:
@@ -311,7 +326,8 @@ class Worker:
     # ------------------------------------------------------------ one connection
 
     def _serve(self, conn: _Conn) -> None:
-        """Serve whatever is ready on this connection; return when it is idle or closed."""
+        """Serve at most one request on this connection, then return (fairness: one busy
+        keep-alive connection never starves the others); watch it while it stays open."""
         proto = conn.proto
         sock = conn.sock
         timeout = self.options.io_timeout
@@ -337,6 +353,8 @@ class Worker:
                                 and conn.sock is not self.private
                             ):
                                 self._pass_on(conn)
+                            else:
+                                self._watch(conn)
                             return
                     else:
                         data = recv_some(sock, timeout)
@@ -357,7 +375,10 @@ class Worker:
                     else:
                         self._close(conn)
                     return
-                continue
+                self._watch(conn)
+                if proto.has_buffered_input:
+                    self.pending[conn.fd] = conn
+                return
             if isinstance(event, RequestRefused):
                 log.warning("refused request %d: %s", event.request_id, event.reason)
                 body = simple_response("431 Request Header Fields Too Large", event.reason + "\n")

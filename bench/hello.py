@@ -1,0 +1,228 @@
+"""Hello-world through nginx: fcgi-engine against flup and uWSGI's FastCGI mode, same run.
+
+    python3 bench/hello.py [--seconds 10] [--nproc 2]
+
+For each backend and for fastcgi_keep_conn off and on: wrk -t2 -c16 through one nginx, then
+requests/s, latency percentiles, and the backend's CPU time per request (user+sys of every
+backend process over the run, divided by the requests served). Needs nginx, wrk, uwsgi with
+uwsgi-plugin-python3 (Debian) and flup (PyPI). Loopback and unix sockets only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TICK = os.sysconf("SC_CLK_TCK")
+
+NGINX = """
+daemon off; worker_processes 1; {user} pid {d}/nginx.pid; error_log {d}/nginx.err warn;
+events {{ worker_connections 4096; }}
+http {{ access_log off;
+  client_body_temp_path {d}/b; fastcgi_temp_path {d}/f; proxy_temp_path {d}/p;
+  uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;
+  upstream off {{ server unix:{sock}; }}
+  upstream on {{ server unix:{sock}; keepalive 32; }}
+  server {{ listen 127.0.0.1:{port};
+    location /off {{ include /etc/nginx/fastcgi_params; fastcgi_pass off; }}
+    location /on {{ include /etc/nginx/fastcgi_params; fastcgi_pass on; fastcgi_keep_conn on; }}
+  }}
+}}
+"""
+
+
+def tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / TICK
+
+
+def wait_socket(path: str, timeout: float = 20.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(path)
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"backend never listened on {path}")
+
+
+def backends(d: str, nproc: int) -> dict[str, list[str]]:
+    sock = f"{d}/app.sock"
+    return {
+        "fcgi-engine": [
+            sys.executable,
+            "-m",
+            "fcgi_engine",
+            "serve",
+            f"{HERE}/hello_app.py",
+            "--listen",
+            sock,
+            "--nproc",
+            str(nproc),
+        ],
+        "flup": [sys.executable, f"{HERE}/flup_server.py", sock, str(HERE), str(nproc)],
+        "uwsgi": [
+            "uwsgi",
+            "--plugin",
+            "python3",
+            "--fastcgi-socket",
+            sock,
+            "--chdir",
+            str(HERE),
+            "--wsgi-file",
+            "hello_app.py",
+            "--processes",
+            str(nproc),
+            "--master",
+            "--disable-logging",
+            "--chmod-socket=666",
+            "--die-on-term",
+        ],
+    }
+
+
+def wrk(port: int, path: str, seconds: float) -> dict[str, float]:
+    out = subprocess.run(
+        ["wrk", "-t2", "-c16", f"-d{seconds:g}s", "--latency", f"http://127.0.0.1:{port}{path}"],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+    ).stdout
+    result = {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "requests": int(re.search(r"(\d+) requests in", out).group(1)),
+    }
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+    )
+    result["errors"] = (int(errors.group(1)) if errors else 0) + (
+        sum(int(x) for x in socket_errors.groups()) if socket_errors else 0
+    )
+    for pct in ("50", "99"):
+        m = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out)
+        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+        result[f"p{pct}_ms"] = float(m.group(1)) * scale
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--only", nargs="*")
+    args = parser.parse_args()
+    for tool in ("nginx", "wrk"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is not installed")
+    d = tempfile.mkdtemp(prefix="fe-bench-")
+    port = 18000 + os.getpid() % 1000
+    conf = Path(d) / "nginx.conf"
+    conf.write_text(
+        NGINX.format(
+            d=d, sock=f"{d}/app.sock", port=port, user="user root;" if os.geteuid() == 0 else ""
+        )
+    )
+    nginx = subprocess.Popen(["nginx", "-c", str(conf), "-p", d])
+    rows = []
+    try:
+        for name, cmd in backends(d, args.nproc).items():
+            if args.only and name not in args.only:
+                continue
+            if name == "uwsgi" and not shutil.which("uwsgi"):
+                print("uwsgi not installed; skipped", file=sys.stderr)
+                continue
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            )
+            try:
+                wait_socket(f"{d}/app.sock")
+                os.chmod(f"{d}/app.sock", 0o666)
+                wrk(port, "/off", 1)  # warm up
+                for mode in ("off", "on"):
+                    pids = tree(proc.pid)
+                    before = cpu_seconds(pids)
+                    result = wrk(port, f"/{mode}", args.seconds)
+                    used = cpu_seconds(tree(proc.pid)) - before
+                    result["cpu_us_per_req"] = used / max(1, result["requests"]) * 1e6
+                    rows.append((name, mode, result))
+                    print(
+                        f"{name:12s} keep_conn {mode:3s} {result['rps']:9.0f} req/s  "
+                        f"p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:7.2f} ms  "
+                        f"cpu {result['cpu_us_per_req']:6.1f} us/req  "
+                        f"errors {result['errors']}",
+                        flush=True,
+                    )
+            finally:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                for leftover in tree(proc.pid)[1:]:
+                    try:
+                        os.kill(leftover, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                try:
+                    os.unlink(f"{d}/app.sock")
+                except OSError:
+                    pass
+    finally:
+        nginx.send_signal(signal.SIGQUIT)
+        nginx.wait(10)
+        shutil.rmtree(d, ignore_errors=True)
+    by = {(n, m): r for n, m, r in rows}
+    for mode in ("off", "on"):
+        ours = by.get(("fcgi-engine", mode))
+        if not ours:
+            continue
+        for peer in ("flup", "uwsgi"):
+            if (peer, mode) in by:
+                print(
+                    f"keep_conn {mode}: fcgi-engine / {peer} = "
+                    f"{ours['rps'] / by[(peer, mode)]['rps']:.2f}x req/s, "
+                    f"{ours['cpu_us_per_req'] / by[(peer, mode)]['cpu_us_per_req']:.2f}x cpu/req"
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
