@@ -95,7 +95,9 @@ class Connection:
 
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
-        self._buf = bytearray()
+        # Immutable bytes: the common whole-request read is kept as it is, and each record's
+        # content is one slice.
+        self._buf = b""
         self._pos = 0
         self._eof = False
         self._broken: ProtocolError | None = None
@@ -110,11 +112,13 @@ class Connection:
     def receive_data(self, data: bytes) -> None:
         """Feed bytes read from the transport; b"" means the peer closed its side."""
         if data:
-            if self._pos:
-                # Drop what was parsed, so a stream that always ends mid-record stays bounded.
-                del self._buf[: self._pos]
-                self._pos = 0
-            self._buf += data
+            pos = self._pos
+            if pos >= len(self._buf):
+                self._buf = bytes(data)
+            else:
+                # Keep only what is not parsed yet, so memory stays bounded by one read.
+                self._buf = self._buf[pos:] + data
+            self._pos = 0
         else:
             self._eof = True
 
@@ -125,7 +129,7 @@ class Connection:
     @property
     def leftover(self) -> bytes:
         """Bytes received but not yet parsed (handed along with the connection when it moves)."""
-        return bytes(self._buf[self._pos :])
+        return self._buf[self._pos :]
 
     @property
     def idle(self) -> bool:
@@ -136,35 +140,30 @@ class Connection:
         """The next event, or NEED_DATA. Raises ProtocolError when the peer broke the protocol."""
         if self._broken is not None:
             raise self._broken
+        buf = self._buf
+        end = len(buf)
         try:
             while True:
-                record = self._next_record()
-                if record is None:
-                    if self._eof:
-                        return ConnectionClosed()
-                    return NEED_DATA
-                event = self._handle_record(*record)
+                pos = self._pos
+                if end - pos < HEADER_LEN:
+                    break
+                version, rtype, rid, clen, plen = _unpack_header(buf, pos)
+                if version != FCGI_VERSION_1:
+                    raise ProtocolError(f"unsupported FastCGI version {version}")
+                start = pos + HEADER_LEN
+                stop = start + clen
+                if stop + plen > end:
+                    break
+                self._pos = stop + plen
+                event = self._handle_record(rtype, rid, buf[start:stop])
                 if event is not None:
                     return event
         except ProtocolError as exc:
             self._broken = exc
             raise
-
-    def _next_record(self) -> tuple[int, int, bytes] | None:
-        buf = self._buf
-        pos = self._pos
-        available = len(buf) - pos
-        if available < HEADER_LEN:
-            return None
-        version, rtype, rid, clen, plen = _unpack_header(buf, pos)
-        if version != FCGI_VERSION_1:
-            raise ProtocolError(f"unsupported FastCGI version {version}")
-        total = HEADER_LEN + clen + plen
-        if available < total:
-            return None
-        content = bytes(buf[pos + HEADER_LEN : pos + HEADER_LEN + clen])
-        self._pos = pos + total
-        return rtype, rid, content
+        if self._eof:
+            return ConnectionClosed()
+        return NEED_DATA
 
     def _handle_record(self, rtype: int, rid: int, content: bytes) -> Event | None:
         if rid == 0:

@@ -18,22 +18,33 @@ def build_environ(
     `script_name` is the app's mount point when configured; otherwise the app is taken to be
     mounted at the root, which is what nginx's stock fastcgi_params mean.
     """
-    environ: dict[str, Any] = dict(params)
+    # The params dict is fresh for every request: it becomes the environ (no copy).
+    environ: dict[str, Any] = params
     for key in _DROP:
-        environ.pop(key, None)
+        if key in environ:
+            del environ[key]
     for key in ("CONTENT_LENGTH", "CONTENT_TYPE"):
         if key in environ and not environ[key].strip():
             del environ[key]
-    environ.setdefault("REQUEST_METHOD", "GET")
-    environ.setdefault("QUERY_STRING", "")
-    environ.setdefault("SERVER_PROTOCOL", "HTTP/1.1")
+    if "REQUEST_METHOD" not in environ:
+        environ["REQUEST_METHOD"] = "GET"
+    if "QUERY_STRING" not in environ:
+        environ["QUERY_STRING"] = ""
+    if "SERVER_PROTOCOL" not in environ:
+        environ["SERVER_PROTOCOL"] = "HTTP/1.1"
 
-    https = environ.get("HTTPS", "").lower() in ("on", "1", "yes", "true")
-    scheme = "https" if https else environ.get("REQUEST_SCHEME", "http").lower()
-    if scheme not in ("http", "https"):
-        scheme = "http"
-    _normalise_server(environ, scheme)
-    _normalise_paths(environ, script_name)
+    https = environ.get("HTTPS")
+    if https and https.lower() in ("on", "1", "yes", "true"):
+        scheme = "https"
+    else:
+        scheme = environ.get("REQUEST_SCHEME", "http").lower()
+        if scheme not in ("http", "https"):
+            scheme = "http"
+    if not environ.get("SERVER_NAME") or not environ.get("SERVER_PORT"):
+        _normalise_server(environ, scheme)
+    path = environ.get("PATH_INFO")
+    if script_name is not None or not path or path[0] != "/" or environ.get("SCRIPT_NAME", "x"):
+        _normalise_paths(environ, script_name)
 
     environ["wsgi.version"] = (1, 0)
     environ["wsgi.url_scheme"] = scheme

@@ -66,7 +66,15 @@ class _Conn:
 
 def send_all(sock: socket.socket, data: bytes | memoryview, timeout: float) -> None:
     """Send everything on a non-blocking socket, waiting at most `timeout` for progress."""
-    view = memoryview(data)
+    try:
+        sent = sock.send(data)
+    except BlockingIOError:
+        sent = 0
+    except OSError as exc:
+        raise ClientDisconnected(f"send failed: {exc}") from exc
+    if sent == len(data):
+        return
+    view = memoryview(data)[sent:]
     while view:
         try:
             sent = sock.send(view)
@@ -222,9 +230,9 @@ class Worker:
                     if accepting:
                         self._receive_handoff()
                 else:
-                    conn = self.conns.get(fd)
-                    if conn is not None:
-                        self._serve(conn)
+                    watched = self.conns.get(fd)
+                    if watched is not None:
+                        self._serve(watched)
                 if self._draining:
                     break
             if (

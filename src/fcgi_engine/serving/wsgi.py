@@ -52,10 +52,18 @@ def validate_status(status: Any) -> str:
     return status
 
 
+# Header items already found valid: most responses repeat the same few, so the check is
+# a set lookup. Bounded, so varying values (dates, lengths) cannot grow it without end.
+_VALID_HEADERS: set[tuple[str, str]] = set()
+_VALID_HEADERS_MAX = 4096
+
+
 def validate_headers(headers: Any) -> list[tuple[str, str]]:
     if type(headers) is not list:
         raise HeaderError(f"headers must be a list, got {type(headers).__name__}")
     for item in headers:
+        if type(item) is tuple and item in _VALID_HEADERS:
+            continue
         if type(item) is not tuple or len(item) != 2:
             raise HeaderError(f"each header must be a (name, value) tuple, got {item!r}")
         name, value = item
@@ -69,6 +77,8 @@ def validate_headers(headers: Any) -> list[tuple[str, str]]:
             value.encode("latin-1")
         except UnicodeEncodeError:
             raise HeaderError(f"header {name} is not latin-1: {value!r}") from None
+        if len(_VALID_HEADERS) < _VALID_HEADERS_MAX:
+            _VALID_HEADERS.add(item)
     return headers
 
 
