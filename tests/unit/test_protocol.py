@@ -328,3 +328,19 @@ def test_fast_params_decoder_matches_the_general_one(pairs: list[tuple[bytes, by
             decode_params(encoded[:-cut])
         except ProtocolError:
             pass
+
+
+def test_a_moved_connection_still_ignores_records_of_ended_requests() -> None:
+    from fcgi_engine.serving.worker import decode_handoff, encode_handoff
+
+    old = Connection()
+    full = encode_request(1, PARAMS, b"body the app never read", keep_conn=True)
+    old.receive_data(full[:60])
+    while old.next_event() is not NEED_DATA:
+        pass
+    old.end_request(1)
+    ended, leftover = decode_handoff(encode_handoff(old.ended_ids, old.leftover))
+    assert ended == [1]
+    new = Connection(ended=ended)
+    new.receive_data(leftover + full[60:] + encode_request(1, PARAMS, b"", keep_conn=True))
+    assert isinstance(new.next_event(), RequestReady)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from fcgi_engine.protocol.codec import (
@@ -93,7 +94,7 @@ class _Request:
 class Connection:
     """One transport connection from a web server, serving one request at a time."""
 
-    def __init__(self, limits: Limits | None = None) -> None:
+    def __init__(self, limits: Limits | None = None, ended: Iterable[int] = ()) -> None:
         self.limits = limits or Limits()
         # Immutable bytes: the common whole-request read is kept as it is, and each record's
         # content is one slice.
@@ -103,7 +104,9 @@ class Connection:
         self._broken: ProtocolError | None = None
         self._out = bytearray()
         self._request: _Request | None = None
-        self._ended: deque[int] = deque(maxlen=_ENDED_MEMORY)
+        # Requests this side already ended: their late records are ignored. A connection that
+        # moves to another process carries this list with it.
+        self._ended: deque[int] = deque(ended, maxlen=_ENDED_MEMORY)
         # Set when a request ended without FCGI_KEEP_CONN: the connection must close after it.
         self.must_close = False
 
@@ -130,6 +133,10 @@ class Connection:
     def leftover(self) -> bytes:
         """Bytes received but not yet parsed (handed along with the connection when it moves)."""
         return self._buf[self._pos :]
+
+    @property
+    def ended_ids(self) -> list[int]:
+        return list(self._ended)
 
     @property
     def idle(self) -> bool:

@@ -16,7 +16,7 @@ import select
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -271,17 +271,17 @@ class Worker:
         assert self.handoff_recv is not None
         for _ in range(16):
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self.handoff_recv, RECV_SIZE, 1)
+                message, fds, _flags, _addr = socket.recv_fds(self.handoff_recv, RECV_SIZE, 1)
             except (BlockingIOError, InterruptedError):
                 return
             if not fds:
                 continue
-            sock = socket.socket(fileno=fds[0])
-            self._adopt(sock, data)
+            ended, leftover = decode_handoff(message)
+            self._adopt(socket.socket(fileno=fds[0]), leftover, ended)
 
-    def _adopt(self, sock: socket.socket, leftover: bytes) -> None:
+    def _adopt(self, sock: socket.socket, leftover: bytes, ended: Iterable[int] = ()) -> None:
         sock.setblocking(False)
-        conn = _Conn(sock, Connection(self.options.limits))
+        conn = _Conn(sock, Connection(self.options.limits, ended))
         if leftover:
             conn.proto.receive_data(leftover)
         self.conns[conn.fd] = conn
@@ -325,7 +325,8 @@ class Worker:
         assert self.handoff_send is not None
         self.handoff_send.settimeout(5.0)
         try:
-            socket.send_fds(self.handoff_send, [conn.proto.leftover], [conn.fd])
+            message = encode_handoff(conn.proto.ended_ids, conn.proto.leftover)
+            socket.send_fds(self.handoff_send, [message], [conn.fd])
         except OSError as exc:
             log.warning("could not hand a connection over (%s); serving it to the end", exc)
             return
@@ -486,6 +487,21 @@ class Worker:
             if board is not None:
                 board.end(self.slot, self.requests)
         return True
+
+
+def encode_handoff(ended: list[int], leftover: bytes) -> bytes:
+    """What travels with a handed-over connection: the request ids it already ended (their late
+    records must still be ignored) and the bytes received but not parsed yet."""
+    ended = ended[-255:]
+    return bytes([len(ended)]) + b"".join(i.to_bytes(2, "big") for i in ended) + leftover
+
+
+def decode_handoff(message: bytes) -> tuple[list[int], bytes]:
+    if not message:
+        return [], b""
+    count = message[0]
+    ids = [int.from_bytes(message[1 + 2 * i : 3 + 2 * i], "big") for i in range(count)]
+    return ids, message[1 + 2 * count :]
 
 
 def _drain_pipe(fd: int) -> None:

@@ -1,0 +1,221 @@
+"""Rollouts under load: fcgi-engine against uWSGI's reload and chain reload, same run.
+
+    python3 bench/rollout.py [--seconds 20] [--every 3] [--keep-conn on|off|both]
+
+8 keep-alive clients through nginx for SECONDS, a rollout every EVERY seconds to a new release
+(behind a switched `current` symlink) of an app that sleeps 1 s at import. Reports failed
+requests, the longest interval without a successful response, the worst one-second window of
+throughput against the median one, and how long each new version took to serve. Needs nginx
+and (for the peers) uwsgi with uwsgi-plugin-python3. Loopback and unix sockets only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+NGINX = """
+daemon off; worker_processes 1; {user} pid {d}/nginx.pid; error_log {d}/nginx.err warn;
+events {{ worker_connections 4096; }}
+http {{ access_log off;
+  client_body_temp_path {d}/b; fastcgi_temp_path {d}/f; proxy_temp_path {d}/p;
+  uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;
+  upstream off {{ server unix:{sock}; }}
+  upstream on {{ server unix:{sock}; keepalive 32; }}
+  server {{ listen 127.0.0.1:{port};
+    location /off {{ include /etc/nginx/fastcgi_params; fastcgi_pass off; }}
+    location /on {{ include /etc/nginx/fastcgi_params; fastcgi_pass on; fastcgi_keep_conn on; }}
+  }}
+}}
+"""
+
+APP = '''
+import time
+time.sleep(1.0)
+VERSION = "{version}"
+
+
+def application(environ, start_response):
+    body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    out = ("%s %d" % (VERSION, len(body))).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(out)))])
+    return [out]
+'''
+
+
+def release(site: Path, n: int) -> None:
+    rel = site / "releases" / str(n)
+    rel.mkdir(parents=True)
+    (rel / "app.py").write_text(APP.format(version=f"v{n}"))
+    link = site / "current.new"
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(rel)
+    os.replace(link, site / "current")
+
+
+class Load:
+    def __init__(self, port: int, path: str, clients: int, seconds: float) -> None:
+        self.port, self.path = port, path
+        self.stop_at = time.monotonic() + seconds
+        self.ok: list[tuple[float, str]] = []
+        self.failed: list[tuple[float, str]] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.client, args=(i,)) for i in range(clients)]
+
+    def client(self, i: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        n = 0
+        while time.monotonic() < self.stop_at and n < 2_000_000:
+            n += 1
+            body = b"x" * (n % 2000) if n % 2 else None
+            try:
+                conn.request("POST" if body else "GET", self.path, body=body)
+                r = conn.getresponse()
+                data = r.read().decode(errors="replace")
+                version, _, size = data.partition(" ")
+                good = r.status == 200 and size == str(len(body or b""))
+            except Exception as exc:  # noqa: BLE001 - every failure counts
+                good, version, data = False, "", repr(exc)
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            now = time.monotonic()
+            with self.lock:
+                if good:
+                    self.ok.append((now, version))
+                else:
+                    self.failed.append((now, data[:100]))
+        conn.close()
+
+    def run(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join()
+
+
+def summarise(load: Load, rollouts: list[tuple[float, str]], started: float) -> dict:
+    times = sorted(t for t, _ in load.ok)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    windows: dict[int, int] = {}
+    for t in times:
+        windows[int(t - started)] = windows.get(int(t - started), 0) + 1
+    full = [windows.get(i, 0) for i in range(1, int(times[-1] - started))] if times else [0]
+    median = statistics.median(full) if full else 0
+    first_seen: dict[str, float] = {}
+    for t, version in sorted(load.ok):
+        first_seen.setdefault(version, t)
+    takeover = [first_seen[v] - at for at, v in rollouts if v in first_seen]
+    return {
+        "ok": len(load.ok), "failed": len(load.failed),
+        "max_gap_ms": max(gaps) * 1000 if gaps else 0,
+        "worst_window_ratio": min(full) / median if median else 0,
+        "takeover_s": max(takeover) if takeover else None,
+        "rolled_out": f"{len(takeover)}/{len(rollouts)}",
+        "failures": load.failed[:3],
+    }
+
+
+def run_one(name: str, d: Path, port: int, mode: str, seconds: float, every: float) -> dict:
+    site = d / f"site-{name}-{mode}"
+    site.mkdir()
+    release(site, 1)
+    sock = d / "app.sock"
+    if name == "fcgi-engine":
+        cmd = [sys.executable, "-m", "fcgi_engine", "serve", "app.py", "--chdir",
+               str(site / "current"), "--listen", str(sock), "--nproc", "2", "--pidfile",
+               str(d / "fe.pid"), "--socket-mode", "0666", "--error-log", str(d / "fe.log")]
+    else:
+        fifo = d / "uwsgi.fifo"
+        cmd = ["uwsgi", "--plugin", "python3", "--fastcgi-socket", str(sock), "--chmod-socket=666",
+               "--wsgi-file", str(site / "current" / "app.py"), "--processes", "2", "--master",
+               "--disable-logging", "--master-fifo", str(fifo), "--die-on-term"]
+        if name == "uwsgi-chain":
+            cmd.append("--lazy-apps")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.5)
+        load = Load(port, f"/{mode}", 8, seconds)
+        started = time.monotonic()
+        load.run()
+        rollouts = []
+        n = 1
+        while time.monotonic() + every < load.stop_at:
+            time.sleep(every)
+            n += 1
+            release(site, n)
+            rollouts.append((time.monotonic(), f"v{n}"))
+            if name == "fcgi-engine":
+                os.kill(proc.pid, signal.SIGHUP)
+            else:
+                with open(d / "uwsgi.fifo", "w") as f:
+                    f.write("c" if name == "uwsgi-chain" else "r")
+        load.join()
+        return summarise(load, rollouts, started)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if sock.exists():
+            sock.unlink()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--every", type=float, default=3.0)
+    parser.add_argument("--keep-conn", choices=["on", "off", "both"], default="both")
+    parser.add_argument("--only", nargs="*")
+    args = parser.parse_args()
+    d = Path(tempfile.mkdtemp(prefix="fe-roll-"))
+    port = 19000 + os.getpid() % 1000
+    (d / "nginx.conf").write_text(NGINX.format(d=d, sock=d / "app.sock", port=port,
+                                               user="user root;" if os.geteuid() == 0 else ""))
+    nginx = subprocess.Popen(["nginx", "-c", str(d / "nginx.conf"), "-p", str(d)])
+    modes = ["off", "on"] if args.keep_conn == "both" else [args.keep_conn]
+    try:
+        for name in ("fcgi-engine", "uwsgi-reload", "uwsgi-chain"):
+            if args.only and name not in args.only:
+                continue
+            if name.startswith("uwsgi") and not shutil.which("uwsgi"):
+                continue
+            for mode in modes:
+                r = run_one(name, d, port, mode, args.seconds, args.every)
+                print(f"{name:13s} keep_conn {mode:3s}: {r['ok']:7d} ok, {r['failed']:4d} failed,"
+                      f" longest gap {r['max_gap_ms']:7.1f} ms, worst 1-s window "
+                      f"{r['worst_window_ratio']:.2f} of median, new version serving after "
+                      f"{r['takeover_s'] if r['takeover_s'] is None else round(r['takeover_s'], 2)}"
+                      f" s ({r['rolled_out']} rollouts)", flush=True)
+                for failure in r["failures"]:
+                    print(f"    failure: {failure}")
+    finally:
+        nginx.send_signal(signal.SIGQUIT)
+        nginx.wait(10)
+        if os.environ.get("KEEP_BENCH_DIR"):
+            print(f"kept {d}")
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
