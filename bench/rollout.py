@@ -39,7 +39,7 @@ http {{ access_log off;
 }}
 """
 
-APP = '''
+APP = """
 import time
 time.sleep(1.0)
 VERSION = "{version}"
@@ -50,7 +50,7 @@ def application(environ, start_response):
     out = ("%s %d" % (VERSION, len(body))).encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(out)))])
     return [out]
-'''
+"""
 
 
 def release(site: Path, n: int) -> None:
@@ -108,7 +108,7 @@ class Load:
 
 def summarise(load: Load, rollouts: list[tuple[float, str]], started: float) -> dict:
     times = sorted(t for t, _ in load.ok)
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     windows: dict[int, int] = {}
     for t in times:
         windows[int(t - started)] = windows.get(int(t - started), 0) + 1
@@ -119,7 +119,8 @@ def summarise(load: Load, rollouts: list[tuple[float, str]], started: float) -> 
         first_seen.setdefault(version, t)
     takeover = [first_seen[v] - at for at, v in rollouts if v in first_seen]
     return {
-        "ok": len(load.ok), "failed": len(load.failed),
+        "ok": len(load.ok),
+        "failed": len(load.failed),
         "max_gap_ms": max(gaps) * 1000 if gaps else 0,
         "worst_window_ratio": min(full) / median if median else 0,
         "takeover_s": max(takeover) if takeover else None,
@@ -134,18 +135,49 @@ def run_one(name: str, d: Path, port: int, mode: str, seconds: float, every: flo
     release(site, 1)
     sock = d / "app.sock"
     if name == "fcgi-engine":
-        cmd = [sys.executable, "-m", "fcgi_engine", "serve", "app.py", "--chdir",
-               str(site / "current"), "--listen", str(sock), "--nproc", "2", "--pidfile",
-               str(d / "fe.pid"), "--socket-mode", "0666", "--error-log", str(d / "fe.log")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fcgi_engine",
+            "serve",
+            "app.py",
+            "--chdir",
+            str(site / "current"),
+            "--listen",
+            str(sock),
+            "--nproc",
+            "2",
+            "--pidfile",
+            str(d / "fe.pid"),
+            "--socket-mode",
+            "0666",
+            "--error-log",
+            str(d / "fe.log"),
+        ]
     else:
         fifo = d / "uwsgi.fifo"
-        cmd = ["uwsgi", "--plugin", "python3", "--fastcgi-socket", str(sock), "--chmod-socket=666",
-               "--wsgi-file", str(site / "current" / "app.py"), "--processes", "2", "--master",
-               "--disable-logging", "--master-fifo", str(fifo), "--die-on-term"]
+        cmd = [
+            "uwsgi",
+            "--plugin",
+            "python3",
+            "--fastcgi-socket",
+            str(sock),
+            "--chmod-socket=666",
+            "--wsgi-file",
+            str(site / "current" / "app.py"),
+            "--processes",
+            "2",
+            "--master",
+            "--disable-logging",
+            "--master-fifo",
+            str(fifo),
+            "--die-on-term",
+        ]
         if name == "uwsgi-chain":
             cmd.append("--lazy-apps")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 30
         while not sock.exists() and time.monotonic() < deadline:
@@ -188,8 +220,11 @@ def main() -> int:
     args = parser.parse_args()
     d = Path(tempfile.mkdtemp(prefix="fe-roll-"))
     port = 19000 + os.getpid() % 1000
-    (d / "nginx.conf").write_text(NGINX.format(d=d, sock=d / "app.sock", port=port,
-                                               user="user root;" if os.geteuid() == 0 else ""))
+    (d / "nginx.conf").write_text(
+        NGINX.format(
+            d=d, sock=d / "app.sock", port=port, user="user root;" if os.geteuid() == 0 else ""
+        )
+    )
     nginx = subprocess.Popen(["nginx", "-c", str(d / "nginx.conf"), "-p", str(d)])
     modes = ["off", "on"] if args.keep_conn == "both" else [args.keep_conn]
     try:
@@ -200,11 +235,14 @@ def main() -> int:
                 continue
             for mode in modes:
                 r = run_one(name, d, port, mode, args.seconds, args.every)
-                print(f"{name:13s} keep_conn {mode:3s}: {r['ok']:7d} ok, {r['failed']:4d} failed,"
-                      f" longest gap {r['max_gap_ms']:7.1f} ms, worst 1-s window "
-                      f"{r['worst_window_ratio']:.2f} of median, new version serving after "
-                      f"{r['takeover_s'] if r['takeover_s'] is None else round(r['takeover_s'], 2)}"
-                      f" s ({r['rolled_out']} rollouts)", flush=True)
+                print(
+                    f"{name:13s} keep_conn {mode:3s}: {r['ok']:7d} ok, {r['failed']:4d} failed,"
+                    f" longest gap {r['max_gap_ms']:7.1f} ms, worst 1-s window "
+                    f"{r['worst_window_ratio']:.2f} of median, new version serving after "
+                    f"{r['takeover_s'] if r['takeover_s'] is None else round(r['takeover_s'], 2)}"
+                    f" s ({r['rolled_out']} rollouts)",
+                    flush=True,
+                )
                 for failure in r["failures"]:
                     print(f"    failure: {failure}")
     finally:

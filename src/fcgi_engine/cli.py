@@ -54,6 +54,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--script-name", help="the app's mount point (SCRIPT_NAME)")
     p.add_argument("--socket-mode", default="0660", help="mode of a unix socket (default 0660)")
     p.add_argument("--error-log", help="log file (default: stderr)")
+    p.add_argument("--access-log", help="access log file (one line per request)")
 
 
 def _request_parser(sub: argparse._SubParsersAction) -> None:
@@ -147,6 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         script_name=args.script_name,
         socket_mode=mode,
         error_log=os.path.abspath(args.error_log) if args.error_log else None,
+        access_log=os.path.abspath(args.access_log) if args.access_log else None,
     )
     return serve(cfg, inherit_fd0=not args.listen, daemon=args.daemon)
 

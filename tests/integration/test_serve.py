@@ -393,3 +393,46 @@ def test_worker_killed_is_replaced(serve) -> None:
     wait_for(replaced, 5, what="the worker to be replaced")
     assert request(server.address, "/hello").status == 200
     assert can_connect(server.address)
+
+
+def test_access_log_and_usr1_reopen(serve, tmp: Path) -> None:
+    log_path = tmp / "access.log"
+    server = serve(f"{APPS}/testapp.py", "--access-log", str(log_path), nproc=1)
+    assert request(server.address, "/hello?x=1").status == 200
+    assert request(server.address, "/nope").status == 404
+    wait_for(
+        lambda: log_path.exists() and log_path.read_text().count("\n") == 2,
+        5,
+        what="two access log lines",
+    )
+    first, second = log_path.read_text().splitlines()
+    assert '"GET /hello?x=1 HTTP/1.1" 200 ' in first
+    assert '"GET /nope HTTP/1.1" 404 ' in second
+    log_path.rename(tmp / "access.log.1")
+    os.kill(server.pid, signal.SIGUSR1)
+
+    def reopened() -> bool:
+        request(server.address, "/hello")
+        return log_path.exists() and "/hello" in log_path.read_text()
+
+    wait_for(reopened, 5, what="the access log to be reopened")
+
+
+def test_body_over_max_body_size_is_413(serve) -> None:
+    server = serve(f"{APPS}/testapp.py", "--max-body-size", "1000", nproc=1)
+    response = request(server.address, "/echo", "POST", b"x" * 5000)
+    assert response.status == 413
+    assert request(server.address, "/echo", "POST", b"x" * 10).status == 200
+
+
+def test_tcp_clients_outside_the_allow_list_are_refused(serve) -> None:
+    from tests.conftest import free_port
+
+    server = serve(listen=f"127.0.0.1:{free_port()}", env={"FCGI_WEB_SERVER_ADDRS": "10.9.9.9"})
+    with pytest.raises(ClientError):
+        request(server.address, "/hello", timeout=5)
+    wait_for(lambda: "not in FCGI_WEB_SERVER_ADDRS" in server.log(), 5, what="the refusal log")
+    allowed = serve(
+        listen=f"127.0.0.1:{free_port()}", env={"FCGI_WEB_SERVER_ADDRS": "10.9.9.9, 127.0.0.1"}
+    )
+    assert request(allowed.address, "/hello").status == 200

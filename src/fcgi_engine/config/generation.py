@@ -40,6 +40,7 @@ class GenerationConfig:
     group: str | None = None
     command: list[str] = field(default_factory=list)
     address: str = ""
+    access_log: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -86,4 +87,5 @@ def for_server(
         group=cfg.group,
         command=[*cfg.command, *cfg.additional_args] if cfg.command else [],
         address=cfg.socket,
+        access_log=cfg.access_log,
     )

@@ -72,6 +72,7 @@ class Generation:
             max_requests=cfg.max_requests,
             script_name=cfg.script_name,
             allowed_addrs=frozenset(cfg.allowed_addrs),
+            access_log=cfg.access_log,
         )
 
     # ------------------------------------------------------------ reporting

@@ -52,6 +52,7 @@ class WorkerOptions:
     max_requests: int = 0
     script_name: str | None = None
     allowed_addrs: frozenset[str] = frozenset()
+    access_log: str | None = None
 
 
 class _Conn:
@@ -155,6 +156,34 @@ class Worker:
         self._parent = os.getppid()
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._access_fd = -1
+        self._reopen_logs = False
+        self._open_access_log()
+
+    def _open_access_log(self) -> None:
+        path = self.options.access_log
+        if not path:
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        if self._access_fd >= 0:
+            os.close(self._access_fd)
+        self._access_fd = fd
+
+    def _log_access(self, environ: dict[str, Any], status: bytes, size: int, began: float) -> None:
+        uri = environ.get("REQUEST_URI") or (
+            environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        )
+        when = time.strftime("%d/%b/%Y:%H:%M:%S %z")
+        took = (time.monotonic() - began) * 1000
+        line = (
+            f"{environ.get('REMOTE_ADDR', '-')} - - [{when}] "
+            f'"{environ.get("REQUEST_METHOD", "-")} {uri} {environ.get("SERVER_PROTOCOL", "-")}" '
+            f"{status.decode('latin-1') or '-'} {size} {took:.1f}ms\n"
+        )
+        try:
+            os.write(self._access_fd, line.encode("latin-1", "replace"))
+        except OSError as exc:
+            log.error("cannot write the access log: %s", exc)
 
     # ------------------------------------------------------------ signals
 
@@ -166,7 +195,7 @@ class Worker:
         signal.signal(signal.SIGINT, self._on_quit)
         signal.signal(signal.SIGTTIN, signal.SIG_IGN)
         signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, self._on_usr1)
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
@@ -176,6 +205,9 @@ class Worker:
     def _on_hup(self, signum: int, frame: Any) -> None:
         self._draining = True
         self._handoff_on_drain = self.handoff_send is not None
+
+    def _on_usr1(self, signum: int, frame: Any) -> None:
+        self._reopen_logs = True
 
     def _on_quit(self, signum: int, frame: Any) -> None:
         self._stop_now = True
@@ -217,6 +249,9 @@ class Worker:
                 for conn in ready:
                     if conn.fd in self.conns:
                         self._serve(conn)
+            if self._reopen_logs:
+                self._reopen_logs = False
+                self._open_access_log()
             if os.getppid() != self._parent:
                 log.warning("worker %d: generation is gone, exiting", os.getpid())
                 return
@@ -461,15 +496,39 @@ class Worker:
             )
             send_all(sock, out, timeout)
 
+        if self._access_fd >= 0:
+            sent = _Tally()
+            plain_send, plain_finish = send_stdout, finish
+
+            def note(data: bytes) -> None:
+                if not sent.status and data[:8] == b"Status: ":
+                    sent.status = bytes(data[8:11])
+                sent.size += len(data)
+
+            def send_stdout(data: bytes) -> None:
+                note(data)
+                plain_send(data)
+
+            def finish(data: bytes) -> None:
+                note(data)
+                plain_finish(data)
+
         stream = InputStream(pull, self.options.max_body_size)
         environ = build_environ(event.params, stream, self.errors, self.options.script_name)
         environ["wsgi.file_wrapper"] = FileWrapper
+        began = time.monotonic()
+        limit = self.options.max_body_size
+        declared = environ.get("CONTENT_LENGTH", "")
+        if limit and declared.isdigit() and int(declared) > limit:
+            app: WSGIApp = _refuse_body(limit)
+        else:
+            app = self.app
         board = self.scoreboard
         if board is not None:
             board.begin(self.slot, time.time(), environ["PATH_INFO"])
         self.requests += 1
         try:
-            run_app(self.app, environ, send_stdout, finish)
+            run_app(app, environ, send_stdout, finish)
         except ClientDisconnected as exc:
             if aborted and not proto.idle:
                 try:
@@ -486,7 +545,31 @@ class Worker:
         finally:
             if board is not None:
                 board.end(self.slot, self.requests)
+            if self._access_fd >= 0:
+                self._log_access(environ, sent.status, sent.size, began)
         return True
+
+
+class _Tally:
+    """What the access log needs of a response: its status and size."""
+
+    __slots__ = ("status", "size")
+
+    def __init__(self) -> None:
+        self.status = b""
+        self.size = 0
+
+
+def _refuse_body(limit: int) -> WSGIApp:
+    def too_large(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        body = f"request body over the {limit} byte limit\n".encode()
+        start_response(
+            "413 Payload Too Large",
+            [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))],
+        )
+        return [body]
+
+    return too_large
 
 
 def encode_handoff(ended: list[int], leftover: bytes) -> bytes:
