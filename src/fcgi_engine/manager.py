@@ -14,8 +14,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fcgi_engine import control
 from fcgi_engine.config.settings import ServerConfig
@@ -183,9 +184,8 @@ def start(
     config_path: str, servers: Sequence[ServerConfig], progress: Callable[[str], None] | None = None
 ) -> list[Outcome]:
     """Start every server that is not running, in parallel; wait until each is ready or failed."""
-    launches: list[_Launch] = []
-    for server in servers:
-        launches.append(_begin_start(config_path, server))
+    # Checks (a throw-away import each) and boots run side by side: as slow as the slowest.
+    launches = _in_parallel(lambda server: _begin_start(config_path, server), servers)
     deadline_extra = 15.0
     started_at = time.monotonic()
     last_progress = started_at
@@ -322,30 +322,41 @@ def stop(servers: Sequence[ServerConfig], fast: bool = False) -> list[Outcome]:
 def graceful(
     config_path: str, servers: Sequence[ServerConfig], progress: Callable[[str], None] | None = None
 ) -> list[Outcome]:
-    outcomes: dict[str, Outcome] = {}
-    to_start: list[ServerConfig] = []
-    for server in servers:
-        state = probe(server)
-        if state.state in (State.STOPPED, State.STALE):
-            to_start.append(server)
-            continue
-        if state.state is State.UNKNOWN:
-            outcomes[server.name] = Outcome(server.name, Code.FAILURE, state.error)
-            continue
-        checked = check(server)
-        if not checked.ok:
-            outcomes[server.name] = Outcome(
-                server.name,
-                checked.code,
-                f"graceful refused, nothing changed: {checked.message}",
-                detail=checked.detail,
-            )
-            continue
-        outcomes[server.name] = _rollout(server)
+    results = _in_parallel(_graceful_one, servers)
+    to_start = [s for s, r in zip(servers, results, strict=True) if r is None]
+    outcomes = {r.name: r for r in results if r is not None}
     for outcome in start(config_path, to_start, progress):
         outcome.message = "was not running; " + outcome.message
         outcomes[outcome.name] = outcome
     return [outcomes[s.name] for s in servers]
+
+
+def _graceful_one(server: ServerConfig) -> Outcome | None:
+    """Roll one running server out; None when it is not running (graceful then starts it)."""
+    state = probe(server)
+    if state.state in (State.STOPPED, State.STALE):
+        return None
+    if state.state is State.UNKNOWN:
+        return Outcome(server.name, Code.FAILURE, state.error)
+    checked = check(server)
+    if not checked.ok:
+        return Outcome(
+            server.name,
+            checked.code,
+            f"graceful refused, nothing changed: {checked.message}",
+            detail=checked.detail,
+        )
+    return _rollout(server)
+
+
+T = TypeVar("T")
+
+
+def _in_parallel(work: Callable[[ServerConfig], T], servers: Sequence[ServerConfig]) -> list[T]:
+    if len(servers) <= 1:
+        return [work(s) for s in servers]
+    with ThreadPoolExecutor(max_workers=min(16, len(servers))) as pool:
+        return list(pool.map(work, servers))
 
 
 def _rollout(server: ServerConfig) -> Outcome:
