@@ -53,10 +53,16 @@ def application(environ, start_response):
 """
 
 
+PERL_ENGINE = Path(__file__).resolve().parent / "perl_engine.pl"
+
+
 def release(site: Path, n: int) -> None:
     rel = site / "releases" / str(n)
     rel.mkdir(parents=True)
     (rel / "app.py").write_text(APP.format(version=f"v{n}"))
+    # The same release for Perl FCGI::Engine: its script with the version in it.
+    perl = PERL_ENGINE.read_text().replace("$ENV{HELLO_VERSION};", f"'v{n}';", 1)
+    (rel / "app.pl").write_text(perl.replace("$ENV{BOOT_SECONDS} || 0", "1", 1))
     link = site / "current.new"
     if link.is_symlink():
         link.unlink()
@@ -134,7 +140,23 @@ def run_one(name: str, d: Path, port: int, mode: str, seconds: float, every: flo
     site.mkdir()
     release(site, 1)
     sock = d / "app.sock"
-    if name == "fcgi-engine":
+    perl_conf = d / "perl-engine.yml"
+    if name == "perl-fcgi-engine":
+        # FCGI::Engine::Manager's own config and its graceful (start new, then TERM old).
+        perl_conf.write_text(
+            f"- name: app\n  nproc: 2\n  scriptname: {site / 'current' / 'app.pl'}\n"
+            f"  pidfile: {d / 'perl.pid'}\n  socket: {sock}\n"
+        )
+        manage = [
+            "perl",
+            "-MFCGI::Engine::Manager",
+            "-e",
+            "my ($c, $v) = @ARGV; FCGI::Engine::Manager->new(conf => $c)->$v()",
+            str(perl_conf),
+        ]
+        subprocess.run([*manage, "start"], capture_output=True, timeout=60)
+        cmd = ["sleep", "3600"]  # the engine daemonizes; this stands in for the process
+    elif name == "fcgi-engine":
         cmd = [
             sys.executable,
             "-m",
@@ -195,12 +217,18 @@ def run_one(name: str, d: Path, port: int, mode: str, seconds: float, every: flo
             rollouts.append((time.monotonic(), f"v{n}"))
             if name == "fcgi-engine":
                 os.kill(proc.pid, signal.SIGHUP)
+            elif name == "perl-fcgi-engine":
+                subprocess.Popen(
+                    [*manage, "graceful"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
             else:
                 with open(d / "uwsgi.fifo", "w") as f:
                     f.write("c" if name == "uwsgi-chain" else "r")
         load.join()
         return summarise(load, rollouts, started)
     finally:
+        if name == "perl-fcgi-engine":
+            subprocess.run([*manage, "stop"], capture_output=True, timeout=60)
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(20)
@@ -228,10 +256,17 @@ def main() -> int:
     nginx = subprocess.Popen(["nginx", "-c", str(d / "nginx.conf"), "-p", str(d)])
     modes = ["off", "on"] if args.keep_conn == "both" else [args.keep_conn]
     try:
-        for name in ("fcgi-engine", "uwsgi-reload", "uwsgi-chain"):
+        for name in ("fcgi-engine", "perl-fcgi-engine", "uwsgi-reload", "uwsgi-chain"):
             if args.only and name not in args.only:
                 continue
             if name.startswith("uwsgi") and not shutil.which("uwsgi"):
+                continue
+            if (
+                name.startswith("perl")
+                and subprocess.run(
+                    ["perl", "-MFCGI::Engine::Manager", "-e1"], capture_output=True
+                ).returncode
+            ):
                 continue
             for mode in modes:
                 r = run_one(name, d, port, mode, args.seconds, args.every)

@@ -217,10 +217,8 @@ class Connection:
         if role != Role.RESPONDER:
             self._refuse(rid, ProtocolStatus.UNKNOWN_ROLE)
             return None
-        try:
+        if rid in self._ended:
             self._ended.remove(rid)
-        except ValueError:
-            pass
         self._request = _Request(rid, bool(flags & FCGI_KEEP_CONN))
         return None
 
@@ -279,6 +277,8 @@ class Connection:
 
     def data_to_send(self) -> bytes:
         """Answers queued by the protocol itself; send them before anything else."""
+        if not self._out:
+            return b""
         out = bytes(self._out)
         self._out.clear()
         return out

@@ -156,6 +156,7 @@ class Worker:
         self._parent = os.getppid()
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._family = int(listener.family)
         self._access_fd = -1
         self._reopen_logs = False
         self._open_access_log()
@@ -280,27 +281,29 @@ class Worker:
                 self._handoff_on_drain = self.handoff_send is not None
 
     def _accept(self) -> None:
-        # A few at a time: the other workers get their share of a burst.
-        for _ in range(4):
-            try:
-                sock, addr = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
+        # One connection per readiness event: the listener stays readable while its backlog is
+        # not empty, and the other workers get their share of a burst.
+        listener = self.listener
+        try:
+            # socket._accept and a socket built from known family and type skip the work
+            # socket.accept() redoes on every call (enum conversions of family and type).
+            fd, addr = listener._accept()  # type: ignore[attr-defined]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log.error("accept failed: %s", exc)
                 return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("accept failed: %s", exc)
-                    return
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue
-                raise
-            if self.options.allowed_addrs and isinstance(addr, tuple):
-                if addr[0] not in self.options.allowed_addrs:
-                    log.warning(
-                        "refused a connection from %s (not in FCGI_WEB_SERVER_ADDRS)", addr[0]
-                    )
-                    sock.close()
-                    continue
-            self._adopt(sock, b"")
+            if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                return
+            raise
+        sock = socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
+        if self.options.allowed_addrs and isinstance(addr, tuple):
+            if addr[0] not in self.options.allowed_addrs:
+                log.warning("refused a connection from %s (not in FCGI_WEB_SERVER_ADDRS)", addr[0])
+                sock.close()
+                return
+        self._adopt(sock, b"")
 
     def _receive_handoff(self) -> None:
         assert self.handoff_recv is not None

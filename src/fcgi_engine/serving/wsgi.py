@@ -100,6 +100,14 @@ def simple_response(status: str, text: str) -> bytes:
     ).encode("latin-1") + body
 
 
+class _ResponseState:
+    __slots__ = ("head", "sent")
+
+    def __init__(self) -> None:
+        self.head: bytes | None = None
+        self.sent = False
+
+
 def run_app(
     app: WSGIApp,
     environ: dict[str, Any],
@@ -112,30 +120,30 @@ def run_app(
     the end of the request. Raises ResponseCutOff when the response failed after it started, and
     ClientDisconnected when the web server went away.
     """
-    state: dict[str, Any] = {"head": None, "sent": False}
+    state = _ResponseState()
 
     def start_response(
         status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
     ) -> Callable[[bytes], None]:
         if exc_info is not None:
             try:
-                if state["sent"]:
+                if state.sent:
                     raise exc_info[1].with_traceback(exc_info[2])
             finally:
                 exc_info = None
-        elif state["head"] is not None:
+        elif state.head is not None:
             raise AssertionError("start_response called a second time without exc_info")
-        state["head"] = _head(validate_status(status), validate_headers(headers))
+        state.head = _head(validate_status(status), validate_headers(headers))
         return write
 
     def write(data: bytes) -> None:
         if type(data) is not bytes:
             raise TypeError(f"write() takes bytes, got {type(data).__name__}")
-        head = state["head"]
+        head = state.head
         if head is None:
             raise AssertionError("write() called before start_response")
-        if not state["sent"]:
-            state["sent"] = True
+        if not state.sent:
+            state.sent = True
             _send_sliced(send_stdout, head + data if len(data) < _SEND_SLICE else head)
             if len(data) >= _SEND_SLICE:
                 _send_sliced(send_stdout, data)
@@ -145,15 +153,15 @@ def run_app(
     result: Iterable[bytes] | None = None
     try:
         result = app(environ, start_response)
-        if isinstance(result, (list, tuple)) and not state["sent"] and len(result) <= 1:
+        if isinstance(result, (list, tuple)) and not state.sent and len(result) <= 1:
             # The common case: one chunk. Head, body and end of request go out in one send.
             data = result[0] if result else b""
             if type(data) is not bytes:
                 raise TypeError(f"the app yielded {type(data).__name__}, not bytes")
-            head = state["head"]
+            head = state.head
             if head is None:
                 raise AssertionError("the app returned without calling start_response")
-            state["sent"] = True
+            state.sent = True
             if len(data) < _SEND_SLICE:
                 finish(head + data)
             else:
@@ -164,23 +172,23 @@ def run_app(
         for chunk in result:
             if type(chunk) is not bytes:
                 raise TypeError(f"the app yielded {type(chunk).__name__}, not bytes")
-            if chunk or not state["sent"]:
+            if chunk or not state.sent:
                 write(chunk)
-        if state["head"] is None:
+        if state.head is None:
             raise AssertionError("the app returned without calling start_response")
-        if not state["sent"]:
-            state["sent"] = True
-            finish(state["head"])
+        if not state.sent:
+            state.sent = True
+            finish(state.head)
         else:
             finish(b"")
     except ClientDisconnected:
         raise
     except BodyTooLarge as exc:
-        if state["sent"]:
+        if state.sent:
             raise ResponseCutOff(str(exc)) from exc
         finish(simple_response("413 Payload Too Large", str(exc) + "\n"))
     except Exception as exc:
-        if state["sent"]:
+        if state.sent:
             _log_app_error(environ, "after the response started; cutting it off")
             raise ResponseCutOff(repr(exc)) from exc
         _log_app_error(environ, "answering 500")
