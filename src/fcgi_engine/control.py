@@ -29,6 +29,18 @@ def decode(line: bytes) -> dict[str, Any]:
     return value
 
 
+def split_messages(buf: bytes) -> tuple[list[dict[str, Any]], bytes]:
+    """The complete JSON lines in `buf` (bad lines skipped) and the incomplete rest."""
+    *lines, rest = buf.split(b"\n")
+    messages = []
+    for line in lines:
+        try:
+            messages.append(decode(line))
+        except ValueError:
+            continue
+    return messages, rest
+
+
 def call(path: str, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
     """Send one command and wait for its one reply."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -19,6 +19,7 @@ from fcgi_engine import control
 from fcgi_engine.config.generation import ENV_KEY, for_server
 from fcgi_engine.config.settings import ServerConfig
 from fcgi_engine.master import policy as P
+from fcgi_engine.system.wakeup import WakeupPipe
 
 log = logging.getLogger("fcgi_engine.master")
 
@@ -75,7 +76,7 @@ class MasterLoop:
         self.children: dict[int, Child] = {}
         self.sel = selectors.DefaultSelector()
         self.pending_signals: list[int] = []
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wakeup = WakeupPipe()
         self.exit_code: int | None = None
         self.control_conns: dict[int, bytes] = {}
         self.reexec_requested = False
@@ -87,14 +88,14 @@ class MasterLoop:
         self.pending_signals.append(signum)
 
     def install_signals(self) -> None:
-        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        self.wakeup.install()
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
     def run(self, adopted: dict[str, Any] | None = None) -> int:
         self.install_signals()
-        self.sel.register(self.wake_r, selectors.EVENT_READ, ("wake", None))
+        self.sel.register(self.wakeup.read_fd, selectors.EVENT_READ, ("wake", None))
         if self.control_sock is not None:
             self.control_sock.setblocking(False)
             self.sel.register(self.control_sock, selectors.EVENT_READ, ("control", None))
@@ -106,7 +107,7 @@ class MasterLoop:
             for key, _mask in self.sel.select(0.25):
                 kind, obj = key.data
                 if kind == "wake":
-                    _drain(self.wake_r)
+                    self.wakeup.drain()
                 elif kind == "control":
                     self._accept_control()
                 elif kind == "ctl-conn":
@@ -210,14 +211,9 @@ class MasterLoop:
         if not data:
             self._unregister(child.channel)
             return
-        child.buf += data
+        messages, child.buf = control.split_messages(child.buf + data)
         now = time.monotonic()
-        while b"\n" in child.buf:
-            line, child.buf = child.buf.split(b"\n", 1)
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
+        for msg in messages:
             kind = msg.get("event")
             if kind == "ready":
                 ev: P.Event = P.GenerationReady(
@@ -469,7 +465,7 @@ class MasterLoop:
             os.execv(sys.executable, argv)
         except OSError as exc:
             del os.environ[REEXEC_ENV]
-            signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+            self.wakeup.install()
             log.error("%s: re-exec failed (%s); carrying on", self.cfg.name, exc)
 
     def _adopt(self, state: dict[str, Any]) -> None:
@@ -509,11 +505,3 @@ class MasterLoop:
         )
         if pol.active is None:
             self._execute(pol._spawn(now))
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 512):
-            pass
-    except BlockingIOError:
-        pass

@@ -11,7 +11,6 @@ Signals from the master: HUP drains with connection hand-off (a rollout), TERM d
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -23,11 +22,13 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+from fcgi_engine import control
 from fcgi_engine.config.generation import ENV_KEY, GenerationConfig
 from fcgi_engine.protocol import Limits
 from fcgi_engine.serving.loader import AppLoadError, WSGIApp, load_app
 from fcgi_engine.serving.scoreboard import Scoreboard
 from fcgi_engine.serving.worker import Worker, WorkerOptions
+from fcgi_engine.system.wakeup import WakeupPipe
 
 log = logging.getLogger("fcgi_engine.generation")
 
@@ -62,7 +63,7 @@ class Generation:
         self.drain_deadline = 0.0
         self.signals: list[int] = []
         self.channel_buf = b""
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wakeup = WakeupPipe()
         self.options = WorkerOptions(
             limits=Limits(
                 max_params_bytes=cfg.max_params_bytes, max_conns=cfg.nproc, max_reqs=cfg.nproc
@@ -79,7 +80,7 @@ class Generation:
 
     def report(self, **event: Any) -> None:
         try:
-            self.channel.sendall(json.dumps(event).encode() + b"\n")
+            self.channel.sendall(control.encode(event))
         except OSError:
             pass
 
@@ -118,8 +119,7 @@ class Generation:
         try:
             _set_parent_death_signal(signal.SIGTERM)
             self.channel.close()
-            os.close(self.wake_r)
-            os.close(self.wake_w)
+            self.wakeup.close()
             options = self.options
             if max_requests != options.max_requests:
                 options = WorkerOptions(**{**options.__dict__, "max_requests": max_requests})
@@ -192,7 +192,7 @@ class Generation:
         self.signals.append(signum)
 
     def run(self) -> int:
-        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        self.wakeup.install()
         for sig in (
             signal.SIGHUP,
             signal.SIGTERM,
@@ -208,12 +208,12 @@ class Generation:
         import select
 
         poller = select.poll()
-        poller.register(self.wake_r, select.POLLIN)
+        poller.register(self.wakeup.read_fd, select.POLLIN)
         poller.register(self.channel.fileno(), select.POLLIN)
         last_status = 0.0
         while True:
             poller.poll(500 if self.mode == "serving" else 50)
-            _drain(self.wake_r)
+            self.wakeup.drain()
             now = time.monotonic()
             if not self._read_channel():
                 if self.mode == "serving":
@@ -256,13 +256,8 @@ class Generation:
             return False
         if not data:
             return False
-        self.channel_buf += data
-        while b"\n" in self.channel_buf:
-            line, self.channel_buf = self.channel_buf.split(b"\n", 1)
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
+        messages, self.channel_buf = control.split_messages(self.channel_buf + data)
+        for msg in messages:
             if msg.get("cmd") == "nproc" and self.mode == "serving":
                 self._resize(int(msg["n"]))
         return True
@@ -371,14 +366,6 @@ class Generation:
                 self.board.end(slot.index, state.requests)
 
 
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 512):
-            pass
-    except BlockingIOError:
-        pass
-
-
 def _set_parent_death_signal(sig: int) -> None:
     """Linux: deliver `sig` to this process when its parent dies."""
     try:
@@ -436,15 +423,8 @@ def main() -> int:
     try:
         _drop_privileges(cfg.user, cfg.group)
     except (KeyError, OSError) as exc:
-        channel.sendall(
-            json.dumps(
-                {
-                    "event": "failed",
-                    "error": f"cannot switch to user {cfg.user} / group {cfg.group}: {exc}",
-                }
-            ).encode()
-            + b"\n"
-        )
+        error = f"cannot switch to user {cfg.user} / group {cfg.group}: {exc}"
+        channel.sendall(control.encode({"event": "failed", "error": error}))
         return 1
     if cfg.command:
         from fcgi_engine.serving.command import CommandGeneration
@@ -457,7 +437,7 @@ def main() -> int:
         detail = "".join(traceback.format_exception(exc.__cause__)) if exc.__cause__ else ""
         message = f"{exc}\n{detail}".rstrip()
         log.error("cannot load the app: %s", message)
-        channel.sendall(json.dumps({"event": "failed", "error": message}).encode() + b"\n")
+        channel.sendall(control.encode({"event": "failed", "error": message}))
         return 1
     # Once imported, the app's own modules are in memory: the forked workers share them.
     gen = Generation(app, cfg, channel)

@@ -37,6 +37,7 @@ from fcgi_engine.serving.environ import build_environ
 from fcgi_engine.serving.loader import WSGIApp
 from fcgi_engine.serving.scoreboard import Scoreboard
 from fcgi_engine.serving.wsgi import FileWrapper, ResponseCutOff, run_app, simple_response
+from fcgi_engine.system.wakeup import WakeupPipe
 
 log = logging.getLogger("fcgi_engine.worker")
 
@@ -155,7 +156,7 @@ class Worker:
         self._stop_now = False
         self._parent = os.getppid()
         self._epoll = select.epoll()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup = WakeupPipe()
         self._family = int(listener.family)
         self._access_fd = -1
         self._reopen_logs = False
@@ -189,7 +190,7 @@ class Worker:
     # ------------------------------------------------------------ signals
 
     def install_signals(self) -> None:
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        self._wakeup.install()
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGQUIT, self._on_quit)
@@ -227,7 +228,7 @@ class Worker:
             self.handoff_recv.setblocking(False)
             handoff_fd = self.handoff_recv.fileno()
             ep.register(handoff_fd, select.EPOLLIN | _EPOLLEXCLUSIVE)
-        ep.register(self._wake_r, select.EPOLLIN)
+        ep.register(self._wakeup.read_fd, select.EPOLLIN)
         if self.private is not None:
             self._adopt(self.private, b"")
         accepting = True
@@ -260,8 +261,8 @@ class Worker:
                 if fd == listen_fd:
                     if accepting:
                         self._accept()
-                elif fd == self._wake_r:
-                    _drain_pipe(self._wake_r)
+                elif fd == self._wakeup.read_fd:
+                    self._wakeup.drain()
                 elif fd == handoff_fd:
                     if accepting:
                         self._receive_handoff()
@@ -588,14 +589,6 @@ def decode_handoff(message: bytes) -> tuple[list[int], bytes]:
     count = message[0]
     ids = [int.from_bytes(message[1 + 2 * i : 3 + 2 * i], "big") for i in range(count)]
     return ids, message[1 + 2 * count :]
-
-
-def _drain_pipe(fd: int) -> None:
-    try:
-        while os.read(fd, 512):
-            pass
-    except BlockingIOError:
-        pass
 
 
 def _stderr() -> TextIO:
