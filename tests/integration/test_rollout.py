@@ -358,13 +358,25 @@ def test_signal_storm_during_a_rollout_does_not_wedge_the_master(serve, tmp: Pat
     switch(root, make_release(root, "v2", import_sleep=1.5))
     os.kill(server.pid, signal.SIGHUP)
     wait_for(lambda: ctl(server, "status")["status"]["booting"], 5, what="the rollout to start")
-    for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGUSR1, signal.SIGHUP, signal.SIGTTOU,
-                signal.SIGUSR2, signal.SIGHUP):
+    for sig in (
+        signal.SIGHUP,
+        signal.SIGTTIN,
+        signal.SIGUSR1,
+        signal.SIGHUP,
+        signal.SIGTTOU,
+        signal.SIGUSR2,
+        signal.SIGHUP,
+    ):
         os.kill(server.pid, sig)
     assert request(server.address, "/").status == 200
-    wait_for(lambda: request(server.address, "/").body.startswith(b"v2 "), 15, what="v2")
-    wait_for(lambda: len(ctl(server, "status")["status"]["generations"]) == 1, 15,
-             what="one generation")
+    try:
+        wait_for(lambda: request(server.address, "/").body.startswith(b"v2 "), 15, what="v2")
+    except AssertionError:
+        print(server.log())
+        raise
+    wait_for(
+        lambda: len(ctl(server, "status")["status"]["generations"]) == 1, 15, what="one generation"
+    )
     switch(root, make_release(root, "v3", import_sleep=0))
     reply = ctl(server, "graceful")
     assert reply["ok"], reply

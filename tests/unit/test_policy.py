@@ -201,3 +201,15 @@ def test_status_snapshot() -> None:
     status = reply.payload["status"]
     assert status["generation"] == 1 and status["requests"] == 12
     assert status["workers_ready"] == 2 and status["state"] == "running"
+
+
+def test_usr1_skips_a_booting_generation_and_resize_catches_up_after_boot() -> None:
+    pol = make(nproc=2)
+    started(pol)
+    pol.handle(P.RolloutRequested(5.0))
+    acts = pol.handle(P.SignalReceived(signal.SIGUSR1, 5.1))
+    assert P.SignalGeneration(2, signal.SIGUSR1) not in acts
+    assert P.SignalGeneration(1, signal.SIGUSR1) in acts
+    pol.handle(P.SignalReceived(signal.SIGTTIN, 5.2))
+    acts = pol.handle(P.GenerationReady(2, 6.0, [21, 22]))
+    assert P.ResizeGeneration(2, 3) in acts

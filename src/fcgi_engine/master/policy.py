@@ -293,7 +293,13 @@ class MasterPolicy:
             return actions
         if sig == signal.SIGUSR1:
             actions = [ReopenLogs()]
-            actions += [SignalGeneration(g, signal.SIGUSR1) for g in self.generations]
+            # Not to a booting generation: it may not handle USR1 yet (the default kills), and
+            # it opens its logs fresh anyway.
+            actions += [
+                SignalGeneration(g, signal.SIGUSR1)
+                for g, rec in self.generations.items()
+                if rec.phase is not Phase.BOOTING
+            ]
             return actions
         if sig == signal.SIGUSR2:
             if self.booting is not None or self.stopping:
@@ -374,6 +380,9 @@ class MasterPolicy:
                 f"{len(ev.pids)} workers",
             )
         ]
+        if len(ev.pids) != self.nproc:
+            # TTIN/TTOU arrived while it booted.
+            actions.append(ResizeGeneration(ev.gen_id, self.nproc))
         if old is not None and old in self.generations:
             old_rec = self.generations[old]
             old_rec.phase = Phase.DRAINING

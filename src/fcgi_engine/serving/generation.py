@@ -11,6 +11,7 @@ Signals from the master: HUP drains with connection hand-off (a rollout), TERM d
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -147,6 +148,10 @@ class Generation:
     def boot(self) -> None:
         """Fork the workers and prove each one answers; report ready or failed."""
         deadline = time.monotonic() + self.cfg.boot_timeout
+        # What the import built is shared by every worker: keep the collector from walking
+        # (and so copying) those pages in each of them.
+        gc.collect()
+        gc.freeze()
         privates = []
         for index in range(self.cfg.nproc):
             slot = _Slot(index)
