@@ -55,6 +55,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--socket-mode", default="0660", help="mode of a unix socket (default 0660)")
     p.add_argument("--error-log", help="log file (default: stderr)")
     p.add_argument("--access-log", help="access log file (one line per request)")
+    p.add_argument("--user", help="run the app as this user (when started as root)")
+    p.add_argument("--group", help="run the app as this group (when started as root)")
 
 
 def _request_parser(sub: argparse._SubParsersAction) -> None:
@@ -149,6 +151,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         socket_mode=mode,
         error_log=os.path.abspath(args.error_log) if args.error_log else None,
         access_log=os.path.abspath(args.access_log) if args.access_log else None,
+        user=args.user,
+        group=args.group,
     )
     return serve(cfg, inherit_fd0=not args.listen, daemon=args.daemon)
 

@@ -132,6 +132,8 @@ def raw(environ, start_response):
 
         start_response("200 OK", [("Content-Type", "text/plain")])
         return Body()
+    if path == "/whoami":
+        return _text(start_response, json.dumps({"uid": os.getuid(), "gid": os.getgid()}))
     if path == "/healthz":
         return _text(start_response, "ok\n")
     return _text(start_response, "not found\n", status="404 Not Found")

@@ -436,3 +436,33 @@ def test_tcp_clients_outside_the_allow_list_are_refused(serve) -> None:
         listen=f"127.0.0.1:{free_port()}", env={"FCGI_WEB_SERVER_ADDRS": "10.9.9.9, 127.0.0.1"}
     )
     assert request(allowed.address, "/hello").status == 200
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_app_runs_as_the_configured_user(serve) -> None:
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    # The interpreter must be readable by that user: the system one, not one under /root.
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    server = serve(f"{APPS}/testapp.py", "--user", "nobody", "--python", python, nproc=1)
+    ids = json.loads(request(server.address, "/whoami").body)
+    assert ids == {"uid": nobody.pw_uid, "gid": nobody.pw_gid}
+    # The socket belongs to the app's user too, still with the restrictive mode.
+    st = os.stat(server.address)
+    assert st.st_uid == nobody.pw_uid and stat.S_IMODE(st.st_mode) == 0o660
+
+
+def test_python_virtualenv_without_fcgi_engine_boots_the_app(serve, tmp: Path) -> None:
+    venv = tmp / "venv"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
+    )
+    (tmp / "venvapp.py").write_text(
+        "import sys\n"
+        "def application(environ, start_response):\n"
+        "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+        "    return [sys.prefix.encode()]\n"
+    )
+    server = serve(str(tmp / "venvapp.py"), "--python", str(venv), nproc=1)
+    assert request(server.address, "/").body == str(venv).encode()

@@ -153,7 +153,9 @@ class MasterLoop:
             handoff_send_fd=self.handoff_send.fileno(),
             handoff_recv_fd=self.handoff_recv.fileno(),
         ).to_json()
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # The directory holding the fcgi_engine package, so an interpreter or virtualenv of the
+        # server's own (`python:`) that lacks it can still boot generations.
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (env.get("PYTHONPATH", ""), package_root) if p
         )
