@@ -153,7 +153,6 @@ class Worker:
         self.pending: dict[int, _Conn] = {}
         self._draining = False
         self._handoff_on_drain = False
-        self._stop_now = False
         self._parent = os.getppid()
         self._epoll = select.epoll()
         self._wakeup = WakeupPipe()
@@ -212,7 +211,6 @@ class Worker:
         self._reopen_logs = True
 
     def _on_quit(self, signum: int, frame: Any) -> None:
-        self._stop_now = True
         raise SystemExit(0)
 
     # ------------------------------------------------------------ loop
@@ -232,6 +230,7 @@ class Worker:
         if self.private is not None:
             self._adopt(self.private, b"")
         accepting = True
+        turns = 0
         while True:
             if self._draining and accepting:
                 accepting = False
@@ -254,7 +253,10 @@ class Worker:
             if self._reopen_logs:
                 self._reopen_logs = False
                 self._open_access_log()
-            if os.getppid() != self._parent:
+            # The parent-death signal normally tells us; this is the fallback, checked when idle
+            # or every so often rather than on every event (it is a system call).
+            turns += 1
+            if (not events or turns % 1024 == 0) and os.getppid() != self._parent:
                 log.warning("worker %d: generation is gone, exiting", os.getpid())
                 return
             for fd, _mask in events:
