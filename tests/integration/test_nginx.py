@@ -45,6 +45,21 @@ def chunks(total: int, size: int = 256 * 1024):
         yield piece
 
 
+def upload(conn: http.client.HTTPConnection, size: int, chunked: bool) -> None:
+    """POST `size` bytes to /echo, streamed: with Content-Length, or chunked so that nginx
+    (with request buffering off) sends no CONTENT_LENGTH."""
+    if chunked:
+        conn.request(
+            "POST",
+            "/echo",
+            body=chunks(size),
+            encode_chunked=True,
+            headers={"Transfer-Encoding": "chunked"},
+        )
+    else:
+        conn.request("POST", "/echo", body=chunks(size), headers={"Content-Length": str(size)})
+
+
 def expected_digest(total: int) -> str:
     digest = hashlib.sha256()
     for piece in chunks(total):
@@ -72,18 +87,8 @@ def test_get_upload_and_download(serve, nginx, transport, keep_conn, buffering) 
     server, front = start_pair(serve, nginx, transport, keep_conn, buffering)
     assert fetch(front.port, "GET", "/hello") == (200, b"hello world\n")
     size = 20 * MB
-    # Upload: chunked from the client when unbuffered, so nginx sends no CONTENT_LENGTH.
     conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=120)
-    if buffering:
-        conn.request("POST", "/echo", body=b"".join(chunks(size)))
-    else:
-        conn.request(
-            "POST",
-            "/echo",
-            body=chunks(size),
-            encode_chunked=True,
-            headers={"Transfer-Encoding": "chunked"},
-        )
+    upload(conn, size, chunked=not buffering)
     r = conn.getresponse()
     answer = json.loads(r.read())
     assert r.status == 200
@@ -173,16 +178,7 @@ def test_memory_flat_for_100mb_upload_and_response(serve, nginx, buffering) -> N
     pid, before = _rss(front)
     size = 100 * MB
     conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=120)
-    if buffering:
-        conn.request("POST", "/echo", body=chunks(size), headers={"Content-Length": str(size)})
-    else:
-        conn.request(
-            "POST",
-            "/echo",
-            body=chunks(size),
-            encode_chunked=True,
-            headers={"Transfer-Encoding": "chunked"},
-        )
+    upload(conn, size, chunked=not buffering)
     answer = json.loads(conn.getresponse().read())
     conn.close()
     assert answer["length"] == size and answer["pid"] == pid
