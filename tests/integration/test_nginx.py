@@ -152,6 +152,26 @@ def test_concurrent_clients_through_keepalive_pool(serve, nginx, keep_conn) -> N
     assert "upstream" not in front.error_log()
 
 
+@pytest.mark.parametrize("keep_conn", [False, True], ids=["keepconn-off", "keepconn-on"])
+def test_body_the_app_never_reads(serve, nginx, transport, keep_conn) -> None:
+    """The app answers without reading a large body: every answer arrives, no 502."""
+    server, front = start_pair(serve, nginx, transport, keep_conn, False, nproc=1)
+    body = b"u" * (5 * MB)
+    for _ in range(4):
+        assert fetch(front.port, "POST", "/hello", body) == (200, b"hello world\n")
+    assert "upstream" not in front.error_log()
+
+
+def test_oversized_params_get_431_not_502(serve, nginx) -> None:
+    server, front = start_pair(serve, nginx, "unix", False, True, nproc=1)
+    status, _ = fetch(front.port, "GET", "/hello", headers={"X-Big": "b" * 7000})
+    assert status == 200  # as large a header as nginx passes by default is fine
+    from fcgi_engine.client import request
+
+    huge = request(server.address, "/hello", headers={"X-Huge": "h" * (2 << 20)})
+    assert huge.status == 431
+
+
 def test_client_disconnects_mid_response(serve, nginx) -> None:
     server, front = start_pair(serve, nginx, "unix", True, False, nproc=1)
     conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=10)

@@ -344,3 +344,16 @@ def test_a_moved_connection_still_ignores_records_of_ended_requests() -> None:
     new = Connection(ended=ended)
     new.receive_data(leftover + full[60:] + encode_request(1, PARAMS, b"", keep_conn=True))
     assert isinstance(new.next_event(), RequestReady)
+
+
+def test_unread_input_tracks_whether_the_web_server_is_still_sending() -> None:
+    conn = Connection()
+    full = encode_request(1, PARAMS, b"a body nobody reads")
+    cut = full.index(b"a body nobody reads") - 8
+    conn.receive_data(full[:cut])
+    assert isinstance(conn.next_event(), RequestReady)
+    conn.end_request(1)
+    assert conn.unread_input and conn.must_close
+    conn.receive_data(full[cut:])
+    assert conn.next_event() is NEED_DATA
+    assert not conn.unread_input

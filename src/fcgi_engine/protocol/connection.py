@@ -109,6 +109,9 @@ class Connection:
         self._ended: deque[int] = deque(ended, maxlen=_ENDED_MEMORY)
         # Set when a request ended without FCGI_KEEP_CONN: the connection must close after it.
         self.must_close = False
+        # Set when the last request ended before its stdin stream did: the web server may still
+        # be sending it, so a close must linger (read and drop) rather than reset.
+        self.unread_input = False
 
     # ---------------------------------------------------------------- input
 
@@ -183,6 +186,8 @@ class Connection:
             return self._begin(rid, content)
         if rid in self._ended:
             # The spec: records for a request id that is not active are ignored.
+            if rtype == _STDIN and not content:
+                self.unread_input = False
             return None
         if rtype in (_ABORT, _PARAMS, _STDIN, _DATA):
             raise ProtocolError(f"{RecordType(rtype).name} record for unknown request id {rid}")
@@ -299,6 +304,7 @@ class Connection:
         request = self._request
         if request is not None and request.request_id == request_id:
             self._request = None
+            self.unread_input = request.stage is not _Stage.STDIN_DONE
             if not request.keep_conn:
                 self.must_close = True
         if request_id not in self._ended:

@@ -42,6 +42,8 @@ from fcgi_engine.system.wakeup import WakeupPipe
 log = logging.getLogger("fcgi_engine.worker")
 
 RECV_SIZE = 256 * 1024
+# How long a closing connection may keep draining a request body nobody will read.
+LINGER_SECONDS = 2.0
 _EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 0)
 
 
@@ -417,7 +419,7 @@ class Worker:
                 if not self._handle(conn, event):
                     return
                 if proto.must_close:
-                    self._close(conn)
+                    self._close_after_response(conn)
                     return
                 if self._draining and proto.idle and not proto.has_buffered_input:
                     if self._handoff_on_drain and conn.sock is not self.private:
@@ -442,7 +444,7 @@ class Worker:
                     self._close(conn)
                     return
                 if proto.must_close:
-                    self._close(conn)
+                    self._close_after_response(conn)
                     return
                 continue
             if isinstance(event, ConnectionClosed):
@@ -453,6 +455,31 @@ class Worker:
             log.warning("unexpected %r between requests; closing the connection", event)
             self._close(conn)
             return
+
+    def _close_after_response(self, conn: _Conn) -> None:
+        """Close a connection whose last response is sent. If the web server may still be
+        sending that request (the app did not read it all, or it was refused), read and drop
+        the rest first, briefly: closing on unread data resets the connection, and the web
+        server could lose the response or answer 502."""
+        proto = conn.proto
+        if proto.unread_input:
+            # What already arrived may hold the end of it.
+            try:
+                while proto.unread_input and isinstance(proto.next_event(), StdinData | StdinEnd):
+                    pass
+            except ProtocolError:
+                pass
+        if proto.unread_input:
+            sock = conn.sock
+            deadline = time.monotonic() + LINGER_SECONDS
+            try:
+                sock.shutdown(socket.SHUT_WR)
+                while (left := deadline - time.monotonic()) > 0:
+                    if not recv_some(sock, left):
+                        break
+            except (ClientDisconnected, OSError):
+                pass
+        self._close(conn)
 
     def _flush_replies(self, conn: _Conn) -> bool:
         out = conn.proto.data_to_send()
