@@ -44,11 +44,18 @@ class ResponseCutOff(Exception):
     """The response failed after it started: the connection must be closed without END_REQUEST."""
 
 
+_VALID_STATUSES: set[str] = set()
+
+
 def validate_status(status: Any) -> str:
+    if type(status) is str and status in _VALID_STATUSES:
+        return status
     if type(status) is not str:
         raise HeaderError(f"status must be a str, got {type(status).__name__}")
     if not _STATUS_RE.match(status):
         raise HeaderError(f"invalid status line {status!r}")
+    if len(_VALID_STATUSES) < 1024:
+        _VALID_STATUSES.add(status)
     return status
 
 
