@@ -299,12 +299,7 @@ def cmd_manage(args: argparse.Namespace) -> int:
     elif verb == "stop":
         outcomes = manager.stop(selected, fast=args.fast)
     elif verb == "restart":
-        stopped = {o.name: o for o in manager.stop(selected)}
-        outcomes = []
-        to_start = [s for s in selected if stopped[s.name].ok]
-        started = {o.name: o for o in manager.start(path, to_start, progress)}
-        for s in selected:
-            outcomes.append(started.get(s.name) or stopped[s.name])
+        outcomes = manager.restart(path, selected, progress)
     elif verb == "graceful":
         outcomes = manager.graceful(path, selected, progress)
     elif verb == "status":

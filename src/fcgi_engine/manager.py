@@ -316,6 +316,36 @@ def stop(servers: Sequence[ServerConfig], fast: bool = False) -> list[Outcome]:
     return [outcomes[s.name] for s in servers]
 
 
+# ---------------------------------------------------------------- restart
+
+
+def restart(
+    config_path: str, servers: Sequence[ServerConfig], progress: Callable[[str], None] | None = None
+) -> list[Outcome]:
+    """Stop, then start (with downtime). A server whose app does not pass `check` is not
+    stopped at all: a broken release never takes a running server down."""
+    checks = dict(zip([s.name for s in servers], _in_parallel(check, servers), strict=True))
+    ready = [s for s in servers if checks[s.name].ok]
+    stopped = {o.name: o for o in stop(ready)}
+    to_start = [s for s in ready if stopped[s.name].ok]
+    started = {o.name: o for o in start(config_path, to_start, progress)}
+    outcomes = []
+    for server in servers:
+        checked = checks[server.name]
+        if not checked.ok:
+            outcomes.append(
+                Outcome(
+                    server.name,
+                    checked.code,
+                    f"restart refused, nothing changed: {checked.message}",
+                    detail=checked.detail,
+                )
+            )
+        else:
+            outcomes.append(started.get(server.name) or stopped[server.name])
+    return outcomes
+
+
 # ---------------------------------------------------------------- graceful
 
 

@@ -386,3 +386,29 @@ def test_stop_signals_only_our_master(cli_for, tmp: Path) -> None:
     assert r.returncode == 1
     r = cli("start")
     assert r.returncode == 0 and "stale pidfile removed" in r.stdout
+
+
+def test_restart_with_a_broken_release_leaves_the_server_running(cli_for, tmp: Path) -> None:
+    site = tmp / "site"
+    (site / "r1").mkdir(parents=True)
+    (site / "r1" / "app.py").write_text(
+        "def application(e, s):\n    s('200 OK', [])\n    return [b'r1']\n"
+    )
+    (site / "current").symlink_to(site / "r1")
+    cli = cli_for(f"""\
+- name: app
+  app: app.py
+  chdir: "{site}/current"
+  socket: "{tmp}/app.sock"
+  pidfile: "{tmp}/app.pid"
+""")
+    assert cli("start").returncode == 0
+    pid = int((tmp / "app.pid").read_text())
+    (site / "r2").mkdir()
+    (site / "r2" / "app.py").write_text("raise ImportError('r2 cannot import')\n")
+    (site / "current").unlink()
+    (site / "current").symlink_to(site / "r2")
+    r = cli("restart")
+    assert r.returncode == 1 and "restart refused, nothing changed" in r.stdout
+    assert int((tmp / "app.pid").read_text()) == pid
+    assert request(str(tmp / "app.sock"), "/").body == b"r1"
