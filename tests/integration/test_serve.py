@@ -466,3 +466,39 @@ def test_python_virtualenv_without_fcgi_engine_boots_the_app(serve, tmp: Path) -
     )
     server = serve(str(tmp / "venvapp.py"), "--python", str(venv), nproc=1)
     assert request(server.address, "/").body == str(venv).encode()
+
+
+def test_systemd_socket_activation(tmp: Path) -> None:
+    path = str(tmp / "sd.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(16)
+    fd = listener.fileno()
+    env = dict(os.environ, FCGI_TEST_TAG=f"sd-{time.monotonic_ns()}", LISTEN_FDS="1")
+
+    def as_fd3() -> None:
+        os.dup2(fd, 3)
+
+    # LISTEN_PID must be the server's own pid: a shell sets it to $$ and execs in place.
+    proc = subprocess.Popen(
+        [
+            "sh",
+            "-c",
+            f'LISTEN_PID=$$ exec "{sys.executable}" -m fcgi_engine serve '
+            f'"{APPS}/testapp.py" --nproc 1',
+        ],
+        env=env,
+        preexec_fn=as_fd3,
+        pass_fds=(fd, 3),
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    listener.close()
+    try:
+        wait_for(lambda: request(path, "/hello").status == 200, 15, what="the activated server")
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        from tests.conftest import kill_tagged
+
+        kill_tagged(env["FCGI_TEST_TAG"])

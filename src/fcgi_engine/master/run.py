@@ -53,9 +53,19 @@ def _owner(cfg: ServerConfig) -> tuple[int, int] | None:
 def open_listener(cfg: ServerConfig, inherit_fd0: bool) -> tuple[socket.socket, str | None]:
     """The listening socket and, for a unix socket we created, its path (to remove at exit)."""
     if inherit_fd0:
+        activated = sockets.systemd_listen_fd()
+        if activated is not None:
+            sock = sockets.listening_socket_from_fd(activated)
+            if sock is None:
+                raise StartError(f"LISTEN_FDS names fd {activated}, which is not listening")
+            sock.set_inheritable(False)
+            return sock, None
         sock = sockets.listening_socket_from_fd(0)
         if sock is None:
-            raise StartError("fd 0 is not a listening socket; give --listen ADDR")
+            raise StartError(
+                "no socket to serve on: give --listen ADDR (or start it from a web server "
+                "with the socket as fd 0, or by systemd socket activation)"
+            )
         # Move it off fd 0 so fd 0 can be /dev/null like any daemon's.
         moved = socket.socket(fileno=os.dup(sock.fileno()))
         moved.set_inheritable(False)

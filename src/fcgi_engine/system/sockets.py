@@ -120,6 +120,23 @@ def listening_socket_from_fd(fd: int) -> socket.socket | None:
     return sock
 
 
+SD_LISTEN_FDS_START = 3
+
+
+def systemd_listen_fd() -> int | None:
+    """The first socket passed by systemd socket activation, if it was passed to us."""
+    try:
+        pid = int(os.environ.get("LISTEN_PID", ""))
+        count = int(os.environ.get("LISTEN_FDS", ""))
+    except ValueError:
+        return None
+    if pid != os.getpid() or count < 1:
+        return None
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(key, None)
+    return SD_LISTEN_FDS_START
+
+
 def describe(sock: socket.socket) -> str:
     name = sock.getsockname()
     if isinstance(name, tuple):
