@@ -311,14 +311,14 @@ class Worker:
         self._adopt(sock, b"")
 
     def _receive_handoff(self) -> None:
+        # One connection per wake-up, as with accept: a generation's worth of handed-over
+        # keep-alive connections spreads over the new workers instead of piling on one.
         assert self.handoff_recv is not None
-        for _ in range(16):
-            try:
-                message, fds, _flags, _addr = socket.recv_fds(self.handoff_recv, RECV_SIZE, 1)
-            except (BlockingIOError, InterruptedError):
-                return
-            if not fds:
-                continue
+        try:
+            message, fds, _flags, _addr = socket.recv_fds(self.handoff_recv, RECV_SIZE, 1)
+        except (BlockingIOError, InterruptedError):
+            return
+        if fds:
             ended, leftover = decode_handoff(message)
             self._adopt(socket.socket(fileno=fds[0]), leftover, ended)
 
