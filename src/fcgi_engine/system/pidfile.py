@@ -91,4 +91,18 @@ def is_our_master(pid: int, pidfile: str) -> bool:
     joined = " ".join(cmd)
     if "fcgi_engine" not in joined and "fcgi-engine" not in joined:
         return False
-    return os.path.abspath(pidfile) in cmd
+    wanted = os.path.abspath(pidfile)
+    if wanted in cmd:
+        return True
+    # `serve --pidfile app.pid` typed by hand names it relative to that process's directory.
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return False
+    for flag, value in zip(cmd, cmd[1:], strict=False):
+        if flag in ("--pidfile", "-p") and os.path.normpath(os.path.join(cwd, value)) == wanted:
+            return True
+    return any(
+        arg.startswith("--pidfile=") and os.path.normpath(os.path.join(cwd, arg[10:])) == wanted
+        for arg in cmd
+    )
