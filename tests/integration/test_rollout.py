@@ -15,7 +15,7 @@ import pytest
 
 from fcgi_engine import control
 from fcgi_engine.client import request
-from tests.conftest import wait_for
+from tests.conftest import APPS, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +124,8 @@ class Load:
 @pytest.mark.parametrize("keep_conn", [False, True], ids=["keepconn-off", "keepconn-on"])
 def test_five_rollouts_under_load_lose_nothing(serve, nginx, tmp: Path, keep_conn: bool) -> None:
     root = tmp / "site"
-    switch(root if root.mkdir() is None else root, make_release(root, "v1"))
+    root.mkdir()
+    switch(root, make_release(root, "v1"))
     server = serve(
         "app.py",
         "--chdir",
@@ -325,9 +326,7 @@ def test_ttin_ttou_change_worker_count(serve) -> None:
 
 
 def test_max_requests_recycles_workers(serve) -> None:
-    server = serve(
-        None or f"{Path(__file__).parent.parent}/apps/testapp.py", "--max-requests", "5", nproc=1
-    )
+    server = serve(f"{APPS}/testapp.py", "--max-requests", "5", nproc=1)
     pids = set()
     for _ in range(16):
         response = request(server.address, "/rss")
@@ -337,7 +336,7 @@ def test_max_requests_recycles_workers(serve) -> None:
 
 
 def test_timeout_kills_a_stuck_worker(serve) -> None:
-    server = serve(f"{Path(__file__).parent.parent}/apps/testapp.py", "--timeout", "1", nproc=1)
+    server = serve(f"{APPS}/testapp.py", "--timeout", "1", nproc=1)
     from fcgi_engine.client import ClientError
 
     with pytest.raises(ClientError):
