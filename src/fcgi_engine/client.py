@@ -242,29 +242,6 @@ def request(
             sock.close()
 
 
-def stream_request(
-    sock: socket.socket,
-    params: Mapping[str, str],
-    chunks: Iterable[bytes],
-    request_id: int = 1,
-    keep_conn: bool = False,
-) -> None:
-    """Send a request whose body comes in chunks (large uploads without holding them)."""
-    nv = encode_name_values((k.encode("latin-1"), v.encode("latin-1")) for k, v in params.items())
-    sock.sendall(
-        encode_record(
-            RecordType.BEGIN_REQUEST,
-            request_id,
-            BEGIN_REQUEST_BODY.pack(Role.RESPONDER, FCGI_KEEP_CONN if keep_conn else 0),
-        )
-        + encode_records(RecordType.PARAMS, request_id, nv)
-        + encode_record(RecordType.PARAMS, request_id)
-    )
-    for chunk in chunks:
-        sock.sendall(encode_records(RecordType.STDIN, request_id, chunk))
-    sock.sendall(encode_record(RecordType.STDIN, request_id))
-
-
 def get_values(sock: socket.socket, names: Iterable[str]) -> dict[str, str]:
     """Ask FCGI_GET_VALUES on an open connection."""
     from fcgi_engine.protocol.codec import decode_name_values

@@ -11,8 +11,6 @@ import json
 import socket
 from typing import Any
 
-COMMANDS = ("status", "graceful", "stop")
-
 
 class ControlError(Exception):
     """The master could not be reached or did not answer."""

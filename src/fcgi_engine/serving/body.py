@@ -93,15 +93,3 @@ class InputStream:
             if not line:
                 return
             yield line
-
-    def discard(self) -> None:
-        """Consume what the app left unread, so the connection stays in step."""
-        self._buf = b""
-        while not self._eof:
-            chunk = self._pull()
-            if not chunk:
-                self._eof = True
-
-    @property
-    def finished(self) -> bool:
-        return self._eof and not self._buf

@@ -15,6 +15,7 @@ import os
 import select
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -148,7 +149,7 @@ class Worker:
         self.private = private
         self.scoreboard = scoreboard
         self.slot = slot
-        self.errors = ErrorStream(errors or _stderr())
+        self.errors = ErrorStream(errors or sys.stderr)
         self.requests = 0
         self.conns: dict[int, _Conn] = {}
         # Connections with a whole request already buffered: served before waiting again.
@@ -618,19 +619,3 @@ def decode_handoff(message: bytes) -> tuple[list[int], bytes]:
     count = message[0]
     ids = [int.from_bytes(message[1 + 2 * i : 3 + 2 * i], "big") for i in range(count)]
     return ids, message[1 + 2 * count :]
-
-
-def _stderr() -> TextIO:
-    import sys
-
-    return sys.stderr
-
-
-def run_single(app: WSGIApp, listener: socket.socket, options: WorkerOptions) -> None:
-    """Serve in this process with no generation around it (tests, debugging)."""
-    worker = Worker(app, listener, options)
-    worker.install_signals()
-    worker.run()
-
-
-AppFactory = Callable[[], WSGIApp]
