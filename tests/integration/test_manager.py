@@ -345,7 +345,16 @@ def test_systemd_unit_calls_valid_commands(cli_for, tmp: Path) -> None:
         assert r.returncode == expected[key], (key, r.stdout, r.stderr)
 
 
-def test_graceful_rollback_is_reported(cli_for, tmp: Path) -> None:
+def deploy(site: Path, release: str, code: str) -> None:
+    """Write a release and point `current` at it, as a deploy tool would."""
+    (site / release).mkdir()
+    (site / release / "app.py").write_text(code)
+    (site / "current").unlink()
+    (site / "current").symlink_to(site / release)
+
+
+def start_release_r1(cli_for, tmp: Path) -> Cli:
+    """A server `app` booted from site/current -> r1, which answers b"r1"."""
     site = tmp / "site"
     (site / "r1").mkdir(parents=True)
     (site / "r1" / "app.py").write_text(
@@ -360,10 +369,12 @@ def test_graceful_rollback_is_reported(cli_for, tmp: Path) -> None:
   pidfile: "{tmp}/app.pid"
 """)
     assert cli("start").returncode == 0
-    (site / "r2").mkdir()
-    (site / "r2" / "app.py").write_text("import nonexistent_dependency_xyz\n")
-    (site / "current").unlink()
-    (site / "current").symlink_to(site / "r2")
+    return cli
+
+
+def test_graceful_rollback_is_reported(cli_for, tmp: Path) -> None:
+    cli = start_release_r1(cli_for, tmp)
+    deploy(tmp / "site", "r2", "import nonexistent_dependency_xyz\n")
     r = cli("graceful")
     assert r.returncode == 1
     assert "nonexistent_dependency_xyz" in r.stdout
@@ -389,25 +400,9 @@ def test_stop_signals_only_our_master(cli_for, tmp: Path) -> None:
 
 
 def test_restart_with_a_broken_release_leaves_the_server_running(cli_for, tmp: Path) -> None:
-    site = tmp / "site"
-    (site / "r1").mkdir(parents=True)
-    (site / "r1" / "app.py").write_text(
-        "def application(e, s):\n    s('200 OK', [])\n    return [b'r1']\n"
-    )
-    (site / "current").symlink_to(site / "r1")
-    cli = cli_for(f"""\
-- name: app
-  app: app.py
-  chdir: "{site}/current"
-  socket: "{tmp}/app.sock"
-  pidfile: "{tmp}/app.pid"
-""")
-    assert cli("start").returncode == 0
+    cli = start_release_r1(cli_for, tmp)
     pid = int((tmp / "app.pid").read_text())
-    (site / "r2").mkdir()
-    (site / "r2" / "app.py").write_text("raise ImportError('r2 cannot import')\n")
-    (site / "current").unlink()
-    (site / "current").symlink_to(site / "r2")
+    deploy(tmp / "site", "r2", "raise ImportError('r2 cannot import')\n")
     r = cli("restart")
     assert r.returncode == 1 and "restart refused, nothing changed" in r.stdout
     assert int((tmp / "app.pid").read_text()) == pid
