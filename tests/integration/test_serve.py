@@ -294,6 +294,18 @@ def test_daemon_reports_boot_error(tmp: Path) -> None:
     assert "cannot boot today" in proc.stderr
 
 
+def assert_answers_then_stop(proc: subprocess.Popen, path: str, tag: str) -> None:
+    """The server started outside the fixture answers on `path`; then it and its tree stop."""
+    from tests.conftest import kill_tagged
+
+    try:
+        wait_for(lambda: request(path, "/hello").status == 200, 15, what=f"a server on {path}")
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        kill_tagged(tag)
+
+
 def test_fd0_listening_socket(tmp: Path) -> None:
     path = str(tmp / "fd0.sock")
     listener = socket.socket(socket.AF_UNIX)
@@ -307,14 +319,7 @@ def test_fd0_listening_socket(tmp: Path) -> None:
         stderr=subprocess.PIPE,
     )
     listener.close()
-    try:
-        wait_for(lambda: request(path, "/hello").status == 200, 15, what="fd 0 server")
-    finally:
-        proc.terminate()
-        proc.wait(15)
-        from tests.conftest import kill_tagged
-
-        kill_tagged(env["FCGI_TEST_TAG"])
+    assert_answers_then_stop(proc, path, env["FCGI_TEST_TAG"])
 
 
 def test_request_cli(serve) -> None:
@@ -494,11 +499,4 @@ def test_systemd_socket_activation(tmp: Path) -> None:
         stderr=subprocess.PIPE,
     )
     listener.close()
-    try:
-        wait_for(lambda: request(path, "/hello").status == 200, 15, what="the activated server")
-    finally:
-        proc.terminate()
-        proc.wait(15)
-        from tests.conftest import kill_tagged
-
-        kill_tagged(env["FCGI_TEST_TAG"])
+    assert_answers_then_stop(proc, path, env["FCGI_TEST_TAG"])
