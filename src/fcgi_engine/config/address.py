@@ -1,8 +1,15 @@
-"""ADDR: a unix socket path (`/run/app.sock`, `unix:/run/app.sock`) or HOST:PORT (`[::1]:9000`)."""
+"""ADDR: a unix socket path (`/run/app.sock`, `unix:/run/app.sock`) or HOST:PORT (`[::1]:9000`);
+and the allow-list of TCP peers (FCGI_WEB_SERVER_ADDRS, `allowed_addrs`)."""
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+# What a TCP listener accepts when nobody said otherwise: this host only.
+LOOPBACK = ("127.0.0.0/8", "::1")
+ANY = "any"
 
 
 class AddressError(ValueError):
@@ -53,3 +60,54 @@ def parse_address(text: str) -> Address:
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise AddressError(f"{text!r}: port must be a number from 1 to 65535")
     return TcpAddress(host or "127.0.0.1", int(port))
+
+
+class AllowList:
+    """Which TCP peers may talk to us: IP addresses and CIDR ranges (IPv4 and IPv6), or `any`.
+
+    Exact addresses are kept in a set, so the common check (one address, the web server's) is one
+    lookup; ranges are searched only when that misses.
+    """
+
+    __slots__ = ("allows_any", "_exact", "_networks", "entries")
+
+    def __init__(self, entries: Sequence[str]) -> None:
+        self.entries = tuple(e.strip() for e in entries if e.strip())
+        self.allows_any = any(e.lower() == ANY for e in self.entries)
+        exact: set[str] = set()
+        networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for entry in self.entries:
+            if entry.lower() == ANY:
+                continue
+            try:
+                net = ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise AddressError(
+                    f"{entry!r} is not an IP address, a CIDR range (10.0.0.0/8) or 'any'"
+                ) from None
+            if net.num_addresses == 1:
+                exact.add(str(net.network_address))
+            else:
+                networks.append(net)
+        self._exact = frozenset(exact)
+        self._networks = tuple(networks)
+
+    def allows(self, host: str) -> bool:
+        if self.allows_any or host in self._exact:
+            return True
+        try:
+            ip = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        mapped = getattr(ip, "ipv4_mapped", None)
+        if mapped is not None:
+            # An IPv4 client on a dual-stack socket: judge it by its IPv4 address.
+            ip = mapped
+            if str(ip) in self._exact:
+                return True
+        if str(ip) in self._exact:
+            return True
+        return any(ip.version == net.version and ip in net for net in self._networks)
+
+    def __repr__(self) -> str:
+        return f"AllowList({list(self.entries)!r})"

@@ -30,11 +30,18 @@ class GenerationConfig:
     max_requests: int = 0
     max_requests_jitter: int = 0
     timeout: float = 0.0
-    io_timeout: float = 60.0
     max_body_size: int = 0
     max_params_bytes: int = 1 << 20
     script_name: str | None = None
     allowed_addrs: list[str] = field(default_factory=list)
+    params_timeout: float = 10.0
+    body_timeout: float = 60.0
+    body_min_rate: int = 65536
+    idle_timeout: float = 120.0
+    send_timeout: float = 60.0
+    heartbeat_timeout: float = 10.0
+    worker_connections: int = 1000
+    body_buffer_size: int = 1 << 20
     argv: list[str] = field(default_factory=list)
     user: str | None = None
     group: str | None = None
@@ -82,6 +89,14 @@ def for_server(
         max_params_bytes=cfg.max_params_size,
         script_name=cfg.script_name,
         allowed_addrs=list(cfg.allowed_addrs) or web_server_addrs_from_env(),
+        params_timeout=cfg.params_timeout,
+        body_timeout=cfg.body_timeout,
+        body_min_rate=cfg.body_min_rate,
+        idle_timeout=cfg.idle_timeout,
+        send_timeout=cfg.send_timeout,
+        heartbeat_timeout=cfg.heartbeat_timeout,
+        worker_connections=cfg.worker_connections,
+        body_buffer_size=cfg.body_buffer_size,
         argv=list(cfg.additional_args),
         user=cfg.user,
         group=cfg.group,

@@ -44,7 +44,70 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_body_size", int, 0, "largest request body in bytes (0: no limit)", 0),
     Setting("max_params_size", int, 1 << 20, "largest encoded params of one request", 1024),
     Setting("script_name", str, None, "the app's mount point (SCRIPT_NAME); default: root"),
-    Setting("allowed_addrs", list, [], "TCP clients allowed (default: $FCGI_WEB_SERVER_ADDRS)"),
+    Setting(
+        "allowed_addrs",
+        list,
+        [],
+        "TCP clients allowed: IPs or CIDR ranges, or [any] (default: $FCGI_WEB_SERVER_ADDRS, "
+        "else loopback only)",
+    ),
+    Setting(
+        "params_timeout",
+        (int, float),
+        10.0,
+        "seconds a request's params may take to arrive, from its first byte (or the accept)",
+        0.1,
+    ),
+    Setting(
+        "body_timeout",
+        (int, float),
+        60.0,
+        "seconds a request body may take to arrive, plus 1 s per body_min_rate bytes received",
+        0.1,
+    ),
+    Setting(
+        "body_min_rate",
+        int,
+        65536,
+        "bytes per second that extend body_timeout by 1 s (0: no extension)",
+        0,
+    ),
+    Setting(
+        "idle_timeout",
+        (int, float),
+        120.0,
+        "seconds a kept-alive connection may wait for its next request (keep it above the web "
+        "server's own keep-alive timeout: nginx closes upstream connections after 60 s)",
+        0.1,
+    ),
+    Setting(
+        "send_timeout",
+        (int, float),
+        60.0,
+        "seconds a response may wait for the web server to read any of it",
+        0.1,
+    ),
+    Setting(
+        "heartbeat_timeout",
+        (int, float),
+        10.0,
+        "replace a worker that makes no progress outside a request this long (0: off)",
+        0,
+    ),
+    Setting(
+        "worker_connections",
+        int,
+        1000,
+        "most connections one worker holds open; past it, it stops accepting",
+        1,
+    ),
+    Setting(
+        "body_buffer_size",
+        int,
+        1 << 20,
+        "request bodies larger than this are spooled to a temporary file before the app runs",
+        0,
+    ),
     Setting("access_log", str, None, "access log file"),
     Setting("error_log", str, None, "error log file (default: stderr)"),
 )
@@ -77,6 +140,14 @@ class ServerConfig:
     max_params_size: int = 1 << 20
     script_name: str | None = None
     allowed_addrs: list[str] = field(default_factory=list)
+    params_timeout: float = 10.0
+    body_timeout: float = 60.0
+    body_min_rate: int = 65536
+    idle_timeout: float = 120.0
+    send_timeout: float = 60.0
+    heartbeat_timeout: float = 10.0
+    worker_connections: int = 1000
+    body_buffer_size: int = 1 << 20
     access_log: str | None = None
     error_log: str | None = None
 
