@@ -1,13 +1,19 @@
-"""wsgi.input: the request body streamed from FCGI_STDIN records as the app reads it.
+"""wsgi.input: the request body, received whole before the app runs, and read by the app.
 
-Nothing is read ahead of the app beyond one chunk, so memory stays flat for any body size, and
-no CONTENT_LENGTH is needed (nginx `fastcgi_request_buffering off` sends none): the empty STDIN
-record ends the stream.
+The worker collects a request's FCGI_STDIN records without blocking on the connection (so a
+peer that trickles its body never holds the worker) into a SpooledBody: in memory up to
+`body_buffer_size`, in an unlinked temporary file beyond it, so memory stays flat for any body
+size. No CONTENT_LENGTH is needed (nginx `fastcgi_request_buffering off` sends none): the empty
+STDIN record ends the body. The app reads it through an InputStream.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterator
+from typing import IO
+
+READ_CHUNK = 256 * 1024
 
 
 class ClientDisconnected(OSError):
@@ -16,6 +22,53 @@ class ClientDisconnected(OSError):
 
 class BodyTooLarge(Exception):
     """The body exceeded the configured max_body_size."""
+
+
+class SpooledBody:
+    """A request body as it arrives: chunks in memory, moved to a temporary file past `limit`."""
+
+    __slots__ = ("size", "_chunks", "_file", "_limit")
+
+    def __init__(self, limit: int) -> None:
+        self.size = 0
+        self._chunks: list[bytes] = []
+        self._file: IO[bytes] | None = None
+        self._limit = limit
+
+    def append(self, data: bytes) -> None:
+        self.size += len(data)
+        if self._file is not None:
+            self._file.write(data)
+            return
+        self._chunks.append(data)
+        if self.size > self._limit:
+            # Unlinked at once: nothing is left on disk if the worker dies.
+            self._file = tempfile.TemporaryFile(prefix="fcgi-engine-body-")
+            self._file.writelines(self._chunks)
+            self._chunks = []
+
+    @property
+    def spooled(self) -> bool:
+        return self._file is not None
+
+    def reader(self) -> Callable[[], bytes]:
+        """A pull function over the whole body (b"" at the end), for an InputStream."""
+        if self._file is not None:
+            f = self._file
+            f.flush()
+            f.seek(0)
+            return lambda: f.read(READ_CHUNK)
+        chunks = iter(self._chunks)
+        return lambda: next(chunks, b"")
+
+    def close(self) -> None:
+        self._chunks = []
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+EMPTY_BODY: Callable[[], bytes] = lambda: b""  # noqa: E731 - a shared, stateless pull
 
 
 class InputStream:

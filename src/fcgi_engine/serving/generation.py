@@ -7,6 +7,10 @@ generation then stops its workers rather than serve on as an orphan.
 
 Signals from the master: HUP drains with connection hand-off (a rollout), TERM drains and closes
 (a stop), QUIT/INT stop at once, TTIN/TTOU add or remove a worker.
+
+Until every worker has proven itself (imported the app and answered the health check over its
+private connection), no worker takes a live request: they are told to go live (SIGUSR2) only
+then, and the generation reports ready in the same step.
 """
 
 from __future__ import annotations
@@ -20,30 +24,22 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from typing import Any
 
 from fcgi_engine import control
+from fcgi_engine.config.address import LOOPBACK, AllowList
 from fcgi_engine.config.generation import ENV_KEY, GenerationConfig
 from fcgi_engine.protocol import Limits
+from fcgi_engine.serving import slots as rules
 from fcgi_engine.serving.loader import AppLoadError, WSGIApp, load_app
 from fcgi_engine.serving.scoreboard import Scoreboard
+from fcgi_engine.serving.slots import Slot as _Slot
 from fcgi_engine.serving.worker import Worker, WorkerOptions
 from fcgi_engine.system.wakeup import WakeupPipe
 
 log = logging.getLogger("fcgi_engine.generation")
 
 MAX_WORKERS = 256
-
-
-@dataclass
-class _Slot:
-    index: int
-    pid: int = 0
-    started: float = 0.0
-    failures: int = 0
-    respawn_at: float = 0.0
-    retired: bool = False
 
 
 class Generation:
@@ -65,17 +61,36 @@ class Generation:
         self.signals: list[int] = []
         self.channel_buf = b""
         self.wakeup = WakeupPipe()
+        # Workers forked before the whole generation proved itself wait for SIGUSR2; those
+        # forked after (replacements, TTIN) start live.
+        self.proven = False
+        self.last_spawn = 0.0
+        self.access_fd = -1
+        allowed = AllowList(cfg.allowed_addrs or list(LOOPBACK))
         self.options = WorkerOptions(
             limits=Limits(
                 max_params_bytes=cfg.max_params_bytes, max_conns=cfg.nproc, max_reqs=cfg.nproc
             ),
             max_body_size=cfg.max_body_size,
-            io_timeout=cfg.io_timeout,
             max_requests=cfg.max_requests,
             script_name=cfg.script_name,
-            allowed_addrs=frozenset(cfg.allowed_addrs),
+            allowed=None if allowed.allows_any else allowed,
             access_log=cfg.access_log,
+            params_timeout=cfg.params_timeout,
+            body_timeout=cfg.body_timeout,
+            body_min_rate=cfg.body_min_rate,
+            idle_timeout=cfg.idle_timeout,
+            send_timeout=cfg.send_timeout,
+            worker_connections=cfg.worker_connections,
+            body_buffer_size=cfg.body_buffer_size,
         )
+
+    def open_logs(self) -> None:
+        """Open the access log here, as the app's user, so a failure is the rollout's error."""
+        if self.cfg.access_log:
+            self.access_fd = os.open(
+                self.cfg.access_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640
+            )
 
     # ------------------------------------------------------------ reporting
 
@@ -104,7 +119,9 @@ class Generation:
     # ------------------------------------------------------------ workers
 
     def spawn(self, slot: _Slot, private: socket.socket | None = None) -> None:
-        self.board.reset(slot.index, 0)
+        now = time.monotonic()
+        self.board.reset(slot.index, 0, now)
+        self.last_spawn = now
         max_requests = self.cfg.max_requests
         if max_requests and self.cfg.max_requests_jitter:
             max_requests += random.randint(0, self.cfg.max_requests_jitter)
@@ -112,7 +129,7 @@ class Generation:
         if pid == 0:
             self._become_worker(slot, private, max_requests)
         slot.pid = pid
-        slot.started = time.monotonic()
+        slot.started = now
         self.board.set_pid(slot.index, pid)
 
     def _become_worker(self, slot: _Slot, private: socket.socket | None, max_requests: int) -> None:
@@ -133,6 +150,8 @@ class Generation:
                 private=private,
                 scoreboard=self.board,
                 slot=slot.index,
+                live=self.proven,
+                access_fd=self.access_fd,
             )
             worker.install_signals()
             worker.run()
@@ -181,6 +200,14 @@ class Generation:
                 raise SystemExit(1) from None
             finally:
                 sock.close()
+        # Proven, all of them: only now may any of them take a live request.
+        self.proven = True
+        for slot in self.slots:
+            if slot.pid:
+                try:
+                    os.kill(slot.pid, signal.SIGUSR2)
+                except ProcessLookupError:
+                    pass
         self.report(event="ready", pids=[s.pid for s in self.slots], workers=self.status())
 
     def stop_workers(self, sig: int) -> None:
@@ -235,7 +262,7 @@ class Generation:
                 return 0
             if self.mode == "serving":
                 self._respawn(now)
-                self._kill_stuck()
+                self._kill_stuck(now)
             elif now <= self.drain_deadline:
                 self._drain_tick()
             else:
@@ -318,57 +345,64 @@ class Generation:
                 return
             for slot in self.slots:
                 if slot.pid == pid:
-                    slot.pid = 0
+                    served = self.board.read(slot.index).requests
                     self.board.reset(slot.index, 0)
                     if self.mode != "serving" or slot.retired:
+                        slot.pid = 0
                         break
                     code = os.waitstatus_to_exitcode(status)
                     lived = now - slot.started
-                    if code == 0:
-                        slot.failures = 0
-                        slot.respawn_at = now
-                    else:
-                        slot.failures = slot.failures + 1 if lived < 5.0 else 1
-                        delay = 0.0 if slot.failures <= 1 else min(0.2 * 2**slot.failures, 30.0)
-                        slot.respawn_at = now + delay
+                    delay = rules.after_death(slot, rules.Death(code, lived, served), now)
+                    if code != 0:
                         how = f"signal {-code}" if code < 0 else f"status {code}"
                         log.error(
-                            "%s: worker %d died (%s) after %.1f s; respawning%s",
+                            "%s: worker %d died (%s) after %.1f s and %d requests; respawning%s",
                             self.cfg.name,
                             pid,
                             how,
                             lived,
+                            served,
                             f" in {delay:.1f} s" if delay else "",
                         )
                     break
 
     def _respawn(self, now: float) -> None:
-        for slot in self.slots:
-            if not slot.pid and not slot.retired and now >= slot.respawn_at:
-                self.spawn(slot)
+        for slot in rules.due(self.slots, now, self.last_spawn):
+            self.spawn(slot)
 
-    def _kill_stuck(self) -> None:
-        if not self.cfg.timeout:
+    def _kill_stuck(self, now: float) -> None:
+        """Replace workers that stopped making progress: stuck on one request longer than
+        `timeout`, or silent outside a request longer than `heartbeat_timeout` (stopped, or
+        hung in native code)."""
+        timeout = self.cfg.timeout
+        heartbeat = self.cfg.heartbeat_timeout
+        if not timeout and not heartbeat:
             return
         wall = time.time()
         for slot in self.slots:
             if not slot.pid:
                 continue
             state = self.board.read(slot.index)
-            if state.busy and state.started and wall - state.started > self.cfg.timeout:
-                log.error(
-                    "%s: worker %d stuck for %.1f s on %s; killing it (timeout %.0f s)",
-                    self.cfg.name,
-                    slot.pid,
-                    wall - state.started,
-                    state.path or "?",
-                    self.cfg.timeout,
+            if state.busy:
+                if not (timeout and state.started and wall - state.started > timeout):
+                    continue
+                why = (
+                    f"stuck for {wall - state.started:.1f} s on {state.path or '?'} "
+                    f"(timeout {timeout:g} s)"
                 )
-                try:
-                    os.kill(slot.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.board.end(slot.index, state.requests)
+            else:
+                if not (heartbeat and state.heartbeat and now - state.heartbeat > heartbeat):
+                    continue
+                why = (
+                    f"made no progress for {now - state.heartbeat:.1f} s outside a request "
+                    f"(heartbeat_timeout {heartbeat:g} s)"
+                )
+            log.error("%s: worker %d %s; killing it", self.cfg.name, slot.pid, why)
+            try:
+                os.kill(slot.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.board.end(slot.index, state.requests, now)
 
 
 def _set_parent_death_signal(sig: int) -> None:
@@ -382,8 +416,15 @@ def _set_parent_death_signal(sig: int) -> None:
         pass
 
 
-def check_app(spec: str) -> int:
-    """`python -m fcgi_engine.serving --check SPEC`: import the app and exit (5: not found)."""
+def check_app(spec: str, logs: list[str] | None = None) -> int:
+    """`python -m fcgi_engine.serving --check SPEC [--log PATH ...]`: open each log for append
+    (as the user the check runs as) and import the app; exit 0, 1, or 5 (not found)."""
+    for path in logs or []:
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640))
+        except OSError as exc:
+            print(f"cannot open log {path}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
     try:
         load_app(spec)
     except AppLoadError as exc:
@@ -414,7 +455,9 @@ def _drop_privileges(user: str | None, group: str | None) -> None:
 
 def main() -> int:
     if len(sys.argv) >= 3 and sys.argv[1] == "--check":
-        return check_app(sys.argv[2])
+        rest = sys.argv[3:]
+        logs = [rest[i + 1] for i in range(len(rest) - 1) if rest[i] == "--log"]
+        return check_app(sys.argv[2], logs)
     cfg = GenerationConfig.from_json(os.environ.pop(ENV_KEY))
     logging.basicConfig(
         level=logging.INFO,
@@ -446,4 +489,11 @@ def main() -> int:
         return 1
     # Once imported, the app's own modules are in memory: the forked workers share them.
     gen = Generation(app, cfg, channel)
+    try:
+        gen.open_logs()
+    except OSError as exc:
+        message = f"cannot open access_log {cfg.access_log}: {exc.strerror or exc}"
+        log.error("%s", message)
+        channel.sendall(control.encode({"event": "failed", "error": message}))
+        return 1
     return gen.run()

@@ -1,10 +1,17 @@
 """The worker: one process, one request at a time, many connections.
 
-It watches the shared listening socket, its own keep-alive connections and (when a generation
-hands connections over) the hand-off socket in one epoll set, so an idle keep-alive connection
-never starves a new one. Draining stops accepting, finishes the request in hand, and passes every
-idle keep-alive connection to the next generation through the hand-off socket instead of closing
-it under the web server's feet.
+It watches the shared listening socket, its own connections and (when a generation hands
+connections over) the hand-off socket in one epoll set. Every connection is read without
+blocking until its request is complete (params, then the whole body, spooled to a file when
+large), so no peer can hold the worker by trickling bytes: a connection only costs a file
+descriptor while it waits, and deadlines bound that wait (params, body, idle keep-alive). Only a
+complete request reaches the app.
+
+A worker of a generation that is still proving itself neither accepts nor takes handed-over
+connections: it serves only its private proof connection until the generation tells it to go
+live (SIGUSR2). Draining stops accepting, finishes the request in hand, and passes every idle
+keep-alive connection to the next generation through the hand-off socket instead of closing it
+under the web server's feet.
 """
 
 from __future__ import annotations
@@ -15,12 +22,14 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from fcgi_engine.config.address import AllowList
 from fcgi_engine.protocol import (
     NEED_DATA,
     Connection,
@@ -33,7 +42,7 @@ from fcgi_engine.protocol import (
     StdinData,
     StdinEnd,
 )
-from fcgi_engine.serving.body import ClientDisconnected, InputStream
+from fcgi_engine.serving.body import EMPTY_BODY, ClientDisconnected, InputStream, SpooledBody
 from fcgi_engine.serving.environ import build_environ
 from fcgi_engine.serving.loader import WSGIApp
 from fcgi_engine.serving.scoreboard import Scoreboard
@@ -43,30 +52,89 @@ from fcgi_engine.system.wakeup import WakeupPipe
 log = logging.getLogger("fcgi_engine.worker")
 
 RECV_SIZE = 256 * 1024
-# How long a closing connection may keep draining a request body nobody will read.
+# How long a closing connection may keep draining a request body nobody will read: closing on
+# unread data resets the connection, and the web server could lose the answer or say 502.
 LINGER_SECONDS = 2.0
+# How often deadlines are checked and the heartbeat written; deadlines are that precise.
+SWEEP_SECONDS = 0.5
+# After accept fails for want of file descriptors (or memory), stop accepting this long: the
+# listener stays readable, and retrying at once would spin at full CPU.
+ACCEPT_BACKOFF = 0.5
+# The same complaint (EMFILE, a refused peer) is logged at most once per interval.
+LOG_INTERVAL = 10.0
 _EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 0)
+_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+# What a connection is waiting for; each phase but PRIVATE has a deadline.
+_NONE = 0  # nothing decided yet
+_PARAMS = 1  # the rest of a request's params (from its first byte, or from the accept)
+_BODY = 2  # the rest of a request's body
+_IDLE = 3  # the next request on a kept-alive connection
+_LINGER = 4  # the end of a request nobody will read, before closing
+_PRIVATE = 5  # the generation's proof connection: never expires
 
 
 @dataclass(frozen=True)
 class WorkerOptions:
     limits: Limits = Limits()
     max_body_size: int = 0
-    io_timeout: float = 60.0
     max_requests: int = 0
     script_name: str | None = None
-    allowed_addrs: frozenset[str] = frozenset()
+    allowed: AllowList | None = None
     access_log: str | None = None
+    params_timeout: float = 10.0
+    body_timeout: float = 60.0
+    body_min_rate: int = 65536
+    idle_timeout: float = 120.0
+    send_timeout: float = 60.0
+    worker_connections: int = 1000
+    body_buffer_size: int = 1 << 20
 
 
 class _Conn:
-    __slots__ = ("sock", "fd", "proto", "registered")
+    __slots__ = (
+        "sock",
+        "fd",
+        "proto",
+        "registered",
+        "phase",
+        "deadline",
+        "request",
+        "body",
+        "peer",
+    )
 
-    def __init__(self, sock: socket.socket, proto: Connection) -> None:
+    def __init__(self, sock: socket.socket, proto: Connection, peer: Any) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.proto = proto
         self.registered = False
+        self.phase = _NONE
+        self.deadline = 0.0
+        # The request whose body is being received, and that body so far.
+        self.request: RequestReady | None = None
+        self.body: SpooledBody | None = None
+        self.peer = peer
+
+
+class _Throttled:
+    """Log a recurring complaint once per interval, with how often it recurred meanwhile."""
+
+    def __init__(self, interval: float = LOG_INTERVAL) -> None:
+        self.interval = interval
+        self.last: dict[str, float] = {}
+        self.count: dict[str, int] = {}
+
+    def log(self, level: int, key: str, message: str, now: float) -> None:
+        self.count[key] = self.count.get(key, 0) + 1
+        last = self.last.get(key)
+        if last is not None and now - last < self.interval:
+            return
+        repeats = self.count[key] - 1
+        self.last[key] = now
+        self.count[key] = 0
+        suffix = f" ({repeats} more in the last {now - last:.0f} s)" if repeats and last else ""
+        log.log(level, "%s%s", message, suffix)
 
 
 def send_all(sock: socket.socket, data: bytes | memoryview, timeout: float) -> None:
@@ -91,22 +159,24 @@ def send_all(sock: socket.socket, data: bytes | memoryview, timeout: float) -> N
         view = view[sent:]
 
 
-def recv_some(sock: socket.socket, timeout: float) -> bytes:
-    """One recv on a non-blocking socket, waiting at most `timeout` for data."""
-    while True:
-        try:
-            return sock.recv(RECV_SIZE)
-        except BlockingIOError:
-            _wait(sock, select.POLLIN, timeout)
-        except OSError as exc:
-            raise ClientDisconnected(f"recv failed: {exc}") from exc
-
-
 def _wait(sock: socket.socket, flag: int, timeout: float) -> None:
     poller = select.poll()
     poller.register(sock, flag)
     if not poller.poll(timeout * 1000):
-        raise ClientDisconnected(f"no progress for {timeout:.0f} s")
+        raise ClientDisconnected(f"the web server read nothing for {timeout:g} s (send_timeout)")
+
+
+def describe_peer(sock: socket.socket, address: Any) -> str:
+    """Who is at the other end: HOST:PORT for TCP, the process for a unix socket."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _gid = struct.unpack("3i", creds)
+        return f"unix peer pid {pid} uid {uid}"
+    except OSError:
+        return "unix peer"
 
 
 class ErrorStream:
@@ -140,6 +210,8 @@ class Worker:
         scoreboard: Scoreboard | None = None,
         slot: int = 0,
         errors: TextIO | None = None,
+        live: bool = True,
+        access_fd: int = -1,
     ) -> None:
         self.app = app
         self.listener = listener
@@ -154,15 +226,25 @@ class Worker:
         self.conns: dict[int, _Conn] = {}
         # Connections with a whole request already buffered: served before waiting again.
         self.pending: dict[int, _Conn] = {}
+        # A generation still proving itself keeps its workers off the shared socket.
+        self._live = live
+        self._listening = False
         self._draining = False
+        self._drain_started = False
         self._handoff_on_drain = False
+        self._accept_paused_until = 0.0
+        self._now = time.monotonic()
         self._parent = os.getppid()
         self._epoll = select.epoll()
         self._wakeup = WakeupPipe()
         self._family = int(listener.family)
-        self._access_fd = -1
+        self._throttled = _Throttled()
+        # Opened by the generation (as the app's user, where a failure is reported as the
+        # rollout's error); a worker on its own opens it here.
+        self._access_fd = access_fd
         self._reopen_logs = False
-        self._open_access_log()
+        if access_fd < 0:
+            self._open_access_log()
 
     def _open_access_log(self) -> None:
         path = self.options.access_log
@@ -200,7 +282,7 @@ class Worker:
         signal.signal(signal.SIGTTIN, signal.SIG_IGN)
         signal.signal(signal.SIGTTOU, signal.SIG_IGN)
         signal.signal(signal.SIGUSR1, self._on_usr1)
-        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR2, self._on_live)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
     def _on_term(self, signum: int, frame: Any) -> None:
@@ -213,6 +295,9 @@ class Worker:
     def _on_usr1(self, signum: int, frame: Any) -> None:
         self._reopen_logs = True
 
+    def _on_live(self, signum: int, frame: Any) -> None:
+        self._live = True
+
     def _on_quit(self, signum: int, frame: Any) -> None:
         raise SystemExit(0)
 
@@ -220,56 +305,47 @@ class Worker:
 
     def run(self) -> None:
         ep = self._epoll
-        listen_fd = self.listener.fileno()
         self.listener.setblocking(False)
-        ep.register(listen_fd, select.EPOLLIN | _EPOLLEXCLUSIVE)
-        handoff_fd = -1
         if self.handoff_recv is not None:
             # Shared by every worker of every generation: never block on it.
             self.handoff_recv.setblocking(False)
-            handoff_fd = self.handoff_recv.fileno()
-            ep.register(handoff_fd, select.EPOLLIN | _EPOLLEXCLUSIVE)
         ep.register(self._wakeup.read_fd, select.EPOLLIN)
         if self.private is not None:
-            self._adopt(self.private, b"")
-        accepting = True
-        turns = 0
+            self._adopt(self.private, b"", phase=_PRIVATE)
+        listen_fd = self.listener.fileno()
+        handoff_fd = self.handoff_recv.fileno() if self.handoff_recv is not None else -1
+        wakeup_fd = self._wakeup.read_fd
+        next_sweep = 0.0
         while True:
-            if self._draining and accepting:
-                accepting = False
-                ep.unregister(listen_fd)
-                if handoff_fd >= 0:
-                    ep.unregister(handoff_fd)
+            if self._draining and not self._drain_started:
+                self._drain_started = True
                 self._release_idle()
             if self._draining and not self.conns:
                 return
+            self._update_listening()
             try:
-                events = ep.poll(0 if self.pending else 1.0)
+                events = ep.poll(0 if self.pending else SWEEP_SECONDS)
             except InterruptedError:
                 continue
+            self._now = now = time.monotonic()
             if self.pending:
                 ready = list(self.pending.values())
                 self.pending.clear()
                 for conn in ready:
                     if conn.fd in self.conns:
                         self._serve(conn)
-            if self._reopen_logs:
-                self._reopen_logs = False
-                self._open_access_log()
-            # The parent-death signal normally tells us; this is the fallback, checked when idle
-            # or every so often rather than on every event (it is a system call).
-            turns += 1
-            if (not events or turns % 1024 == 0) and os.getppid() != self._parent:
-                log.warning("worker %d: generation is gone, exiting", os.getpid())
-                return
+            if now >= next_sweep:
+                next_sweep = now + SWEEP_SECONDS
+                if not self._sweep(now):
+                    return
             for fd, _mask in events:
                 if fd == listen_fd:
-                    if accepting:
+                    if self._listening:
                         self._accept()
-                elif fd == self._wakeup.read_fd:
+                elif fd == wakeup_fd:
                     self._wakeup.drain()
                 elif fd == handoff_fd:
-                    if accepting:
+                    if self._listening:
                         self._receive_handoff()
                 else:
                     watched = self.conns.get(fd)
@@ -286,6 +362,58 @@ class Worker:
                 self._draining = True
                 self._handoff_on_drain = self.handoff_send is not None
 
+    def _sweep(self, now: float) -> bool:
+        """Housekeeping a few times a second: heartbeat, deadlines, logs, the parent's life.
+        False when the worker must exit."""
+        if self.scoreboard is not None:
+            self.scoreboard.heartbeat(self.slot, now)
+        if self._reopen_logs:
+            self._reopen_logs = False
+            try:
+                self._open_access_log()
+            except OSError as exc:
+                log.error("cannot reopen the access log: %s", exc)
+        # The parent-death signal normally tells us; this is the fallback.
+        if os.getppid() != self._parent:
+            log.warning("worker %d: generation is gone, exiting", os.getpid())
+            return False
+        min_rate = self.options.body_min_rate
+        for conn in list(self.conns.values()):
+            deadline = conn.deadline
+            if not deadline or now <= deadline:
+                continue
+            if conn.phase == _BODY and min_rate and conn.body is not None:
+                # A body that keeps coming at a decent rate earns more time.
+                if now <= deadline + conn.body.size / min_rate:
+                    continue
+            if conn.fd in self.conns:
+                self._expire(conn)
+        return True
+
+    def _update_listening(self) -> None:
+        """Watch the shared socket (and the hand-off socket) only while this worker may take new
+        connections: proven, not draining, under its connection cap, not out of descriptors."""
+        want = (
+            self._live
+            and not self._draining
+            and len(self.conns) < self.options.worker_connections
+            and self._now >= self._accept_paused_until
+        )
+        if want == self._listening:
+            return
+        self._listening = want
+        fds = [self.listener.fileno()]
+        if self.handoff_recv is not None:
+            fds.append(self.handoff_recv.fileno())
+        for fd in fds:
+            if want:
+                self._epoll.register(fd, select.EPOLLIN | _EPOLLEXCLUSIVE)
+            else:
+                try:
+                    self._epoll.unregister(fd)
+                except OSError:
+                    pass
+
     def _accept(self) -> None:
         # One connection per readiness event: the listener stays readable while its backlog is
         # not empty, and the other workers get their share of a burst.
@@ -297,35 +425,72 @@ class Worker:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                log.error("accept failed: %s", exc)
+            if exc.errno in _RESOURCE_ERRORS:
+                self._out_of_resources(f"accept failed: {exc.strerror}")
                 return
             if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                 return
             raise
         sock = socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
-        if self.options.allowed_addrs and isinstance(addr, tuple):
-            if addr[0] not in self.options.allowed_addrs:
-                log.warning("refused a connection from %s (not in FCGI_WEB_SERVER_ADDRS)", addr[0])
-                sock.close()
-                return
-        self._adopt(sock, b"")
+        allowed = self.options.allowed
+        if allowed is not None and isinstance(addr, tuple) and not allowed.allows(addr[0]):
+            self._throttled.log(
+                logging.WARNING,
+                "refused",
+                f"refused a connection from {addr[0]} (not in FCGI_WEB_SERVER_ADDRS / "
+                f"allowed_addrs: {', '.join(allowed.entries)})",
+                self._now,
+            )
+            sock.close()
+            return
+        self._adopt(sock, b"", peer=addr, phase=_PARAMS)
+
+    def _out_of_resources(self, what: str) -> None:
+        self._accept_paused_until = self._now + ACCEPT_BACKOFF
+        self._throttled.log(
+            logging.ERROR,
+            "resources",
+            f"worker {os.getpid()}: {what}; not accepting for {ACCEPT_BACKOFF:g} s "
+            f"({len(self.conns)} connections open)",
+            self._now,
+        )
 
     def _receive_handoff(self) -> None:
         # One connection per wake-up, as with accept: a generation's worth of handed-over
         # keep-alive connections spreads over the new workers instead of piling on one.
         assert self.handoff_recv is not None
         try:
-            message, fds, _flags, _addr = socket.recv_fds(self.handoff_recv, RECV_SIZE, 1)
+            message, fds, flags, _addr = socket.recv_fds(self.handoff_recv, RECV_SIZE, 1)
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as exc:
+            if exc.errno in _RESOURCE_ERRORS:
+                self._out_of_resources(f"receiving a handed-over connection failed: {exc}")
+            return
+        if flags & socket.MSG_CTRUNC:
+            # The kernel could not give us the descriptor (we are at our limit).
+            self._out_of_resources("a handed-over connection was lost: no file descriptor left")
         if fds:
             ended, leftover = decode_handoff(message)
             self._adopt(socket.socket(fileno=fds[0]), leftover, ended)
 
-    def _adopt(self, sock: socket.socket, leftover: bytes, ended: Iterable[int] = ()) -> None:
+    def _adopt(
+        self,
+        sock: socket.socket,
+        leftover: bytes,
+        ended: Iterable[int] = (),
+        *,
+        peer: Any = None,
+        phase: int = _NONE,
+    ) -> None:
         sock.setblocking(False)
-        conn = _Conn(sock, Connection(self.options.limits, ended))
+        conn = _Conn(sock, Connection(self.options.limits, ended), peer)
+        if phase == _PARAMS:
+            # A new connection must send its first request promptly.
+            conn.phase = _PARAMS
+            conn.deadline = self._now + self.options.params_timeout
+        elif phase == _PRIVATE:
+            conn.phase = _PRIVATE
         if leftover:
             conn.proto.receive_data(leftover)
         self.conns[conn.fd] = conn
@@ -345,6 +510,10 @@ class Worker:
                 self._epoll.unregister(conn.fd)
             except OSError:
                 pass
+        if conn.body is not None:
+            conn.body.close()
+            conn.body = None
+        conn.request = None
         try:
             conn.sock.close()
         except OSError:
@@ -353,16 +522,17 @@ class Worker:
     def _release_idle(self) -> None:
         """On drain: pass idle keep-alive connections on, or close them on a plain stop."""
         for conn in list(self.conns.values()):
-            if not conn.proto.idle:
+            if not conn.proto.idle or conn.request is not None or conn.phase == _LINGER:
                 continue
-            if conn.sock is self.private:
+            if conn.phase == _PRIVATE:
                 self._close(conn)
             elif self._handoff_on_drain:
-                self._pass_on(conn)
+                if not conn.proto.has_buffered_input:
+                    self._pass_on(conn)
             else:
                 # A plain stop: serve what already arrived, then close.
                 self._serve(conn)
-                if conn.fd in self.conns:
+                if conn.fd in self.conns and conn.proto.idle and conn.phase != _LINGER:
                     self._close(conn)
 
     def _pass_on(self, conn: _Conn) -> None:
@@ -376,19 +546,82 @@ class Worker:
             return
         self._close(conn)
 
+    # ------------------------------------------------------------ deadlines
+
+    def _await(self, conn: _Conn) -> None:
+        """The connection has no complete request: note what it waits for, with its deadline."""
+        proto = conn.proto
+        if conn.phase == _PRIVATE:
+            self._watch(conn)
+            return
+        if conn.request is not None:
+            phase, timeout = _BODY, self.options.body_timeout
+        elif not proto.idle or proto.has_buffered_input:
+            phase, timeout = _PARAMS, self.options.params_timeout
+        else:
+            if self._draining and self._handoff_on_drain:
+                self._pass_on(conn)
+                if conn.fd not in self.conns:
+                    return
+            phase, timeout = _IDLE, self.options.idle_timeout
+        if phase != conn.phase:
+            conn.phase = phase
+            conn.deadline = self._now + timeout
+        self._watch(conn)
+
+    def _expire(self, conn: _Conn) -> None:
+        phase = conn.phase
+        opts = self.options
+        if phase == _IDLE:
+            log.debug(
+                "closing a keep-alive connection idle for %g s (idle_timeout)", opts.idle_timeout
+            )
+            self._close(conn)
+        elif phase == _PARAMS:
+            log.warning(
+                "closed the connection from %s: its request did not arrive within "
+                "params_timeout (%g s)",
+                describe_peer(conn.sock, conn.peer),
+                opts.params_timeout,
+            )
+            self._close(conn)
+        elif phase == _BODY:
+            received = conn.body.size if conn.body is not None else 0
+            log.warning(
+                "closed the connection from %s: the request body did not arrive within "
+                "body_timeout (%g s, %d bytes received)",
+                describe_peer(conn.sock, conn.peer),
+                opts.body_timeout,
+                received,
+            )
+            request = conn.request
+            if request is not None and self._answer(
+                conn, request.request_id, "408 Request Timeout", "the request body came too slowly"
+            ):
+                self._close_after_response(conn)
+            else:
+                self._close(conn)
+        else:
+            self._close(conn)
+
     # ------------------------------------------------------------ one connection
 
     def _serve(self, conn: _Conn) -> None:
-        """Serve at most one request on this connection, then return (fairness: one busy
-        keep-alive connection never starves the others); watch it while it stays open."""
+        """Take in what the connection sent; serve at most one complete request, then return
+        (fairness: one busy keep-alive connection never starves the others)."""
+        if conn.phase == _LINGER:
+            self._linger(conn)
+            return
         proto = conn.proto
-        sock = conn.sock
-        timeout = self.options.io_timeout
         while True:
             try:
                 event = proto.next_event()
             except ProtocolError as exc:
-                log.warning("protocol error from the web server, closing the connection: %s", exc)
+                log.warning(
+                    "protocol error from %s, closing the connection: %s",
+                    describe_peer(conn.sock, conn.peer),
+                    exc,
+                )
                 self._flush_replies(conn)
                 self._close(conn)
                 return
@@ -396,72 +629,153 @@ class Worker:
                 return
             if event is NEED_DATA:
                 try:
-                    if proto.idle:
-                        try:
-                            data = sock.recv(RECV_SIZE)
-                        except BlockingIOError:
-                            if (
-                                self._draining
-                                and self._handoff_on_drain
-                                and conn.sock is not self.private
-                            ):
-                                self._pass_on(conn)
-                            else:
-                                self._watch(conn)
-                            return
-                    else:
-                        data = recv_some(sock, timeout)
-                except (ClientDisconnected, OSError):
+                    data = conn.sock.recv(RECV_SIZE)
+                except BlockingIOError:
+                    self._await(conn)
+                    return
+                except OSError:
                     self._close(conn)
                     return
                 proto.receive_data(data)
                 continue
-            if isinstance(event, RequestReady):
-                if not self._handle(conn, event):
-                    return
-                if proto.must_close:
-                    self._close_after_response(conn)
-                    return
-                if self._draining and proto.idle and not proto.has_buffered_input:
-                    if self._handoff_on_drain and conn.sock is not self.private:
-                        self._pass_on(conn)
-                    else:
-                        self._close(conn)
-                    return
-                self._watch(conn)
-                if proto.has_buffered_input:
-                    self.pending[conn.fd] = conn
+            kind = type(event)
+            if kind is StdinData:
+                if conn.request is None:
+                    break
+                body = conn.body
+                if body is None:
+                    body = conn.body = SpooledBody(self.options.body_buffer_size)
+                body.append(event.data)  # type: ignore[union-attr]
+                limit = self.options.max_body_size
+                if limit and body.size > limit:
+                    if not self._refuse_body(conn, limit):
+                        return
+                continue
+            if kind is StdinEnd:
+                request = conn.request
+                if request is None:
+                    break
+                self._handle_complete(conn, request)
                 return
-            if isinstance(event, RequestRefused):
-                log.warning("refused request %d: %s", event.request_id, event.reason)
-                body = simple_response("431 Request Header Fields Too Large", event.reason + "\n")
-                try:
-                    send_all(
-                        sock,
-                        proto.stdout(event.request_id, body) + proto.end_request(event.request_id),
-                        timeout,
-                    )
-                except ClientDisconnected:
-                    self._close(conn)
+            if kind is RequestReady:
+                conn.request = event  # type: ignore[assignment]
+                limit = self.options.max_body_size
+                declared = event.params.get("CONTENT_LENGTH", "")  # type: ignore[union-attr]
+                if limit and declared.isdigit() and int(declared) > limit:
+                    if not self._refuse_body(conn, limit):
+                        return
+                continue
+            if kind is RequestAborted:
+                # The web server gave up on a request before the app saw it.
+                request = conn.request
+                self._drop_request(conn)
+                if request is not None:
+                    try:
+                        send_all(
+                            conn.sock,
+                            proto.end_request(request.request_id, 1),
+                            self.options.send_timeout,
+                        )
+                    except ClientDisconnected:
+                        self._close(conn)
+                        return
+                continue
+            if kind is RequestRefused:
+                log.warning("refused request %d: %s", event.request_id, event.reason)  # type: ignore[union-attr]
+                if not self._answer(
+                    conn,
+                    event.request_id,  # type: ignore[union-attr]
+                    "431 Request Header Fields Too Large",
+                    event.reason,  # type: ignore[union-attr]
+                ):
                     return
                 if proto.must_close:
                     self._close_after_response(conn)
                     return
                 continue
-            if isinstance(event, ConnectionClosed):
+            if kind is ConnectionClosed:
                 self._close(conn)
                 return
-            # Stdin or abort records of a request that is not running here cannot occur: the
-            # protocol ignores records of ended requests. Anything else is a bug in the peer.
-            log.warning("unexpected %r between requests; closing the connection", event)
+            break
+        # Stdin or abort records of a request that is not running here cannot occur: the
+        # protocol ignores records of ended requests. Anything else is a bug in the peer.
+        log.warning("unexpected %r between requests; closing the connection", event)
+        self._close(conn)
+
+    def _drop_request(self, conn: _Conn) -> None:
+        conn.request = None
+        if conn.body is not None:
+            conn.body.close()
+            conn.body = None
+
+    def _refuse_body(self, conn: _Conn, limit: int) -> bool:
+        """A body over max_body_size: 413 now, before receiving (or spooling) the rest of it.
+        False when the connection was closed."""
+        request = conn.request
+        assert request is not None
+        self._drop_request(conn)
+        if not self._answer(
+            conn,
+            request.request_id,
+            "413 Payload Too Large",
+            f"request body over the {limit} byte limit",
+        ):
+            return False
+        if conn.proto.must_close:
+            self._close_after_response(conn)
+            return False
+        return True
+
+    def _answer(self, conn: _Conn, request_id: int, status: str, text: str) -> bool:
+        """Answer a request without the app; False when the connection was closed."""
+        self._drop_request(conn)
+        body = simple_response(status, text + "\n")
+        proto = conn.proto
+        try:
+            send_all(
+                conn.sock,
+                proto.stdout(request_id, body) + proto.end_request(request_id),
+                self.options.send_timeout,
+            )
+        except ClientDisconnected:
             self._close(conn)
+            return False
+        return True
+
+    def _handle_complete(self, conn: _Conn, request: RequestReady) -> None:
+        """The whole request is here: run the app, then decide the connection's fate."""
+        body = conn.body
+        conn.request = None
+        conn.body = None
+        try:
+            if not self._handle(conn, request, body):
+                return
+        finally:
+            if body is not None:
+                body.close()
+        proto = conn.proto
+        if proto.must_close:
+            self._close_after_response(conn)
             return
+        if self._draining and proto.idle and not proto.has_buffered_input:
+            if self._handoff_on_drain and conn.phase != _PRIVATE:
+                self._pass_on(conn)
+            else:
+                self._close(conn)
+            return
+        if conn.phase != _PRIVATE:
+            conn.phase = _NONE
+            conn.deadline = 0.0
+        if proto.has_buffered_input:
+            self._watch(conn)
+            self.pending[conn.fd] = conn
+        else:
+            self._await(conn)
 
     def _close_after_response(self, conn: _Conn) -> None:
         """Close a connection whose last response is sent. If the web server may still be
         sending that request (the app did not read it all, or it was refused), read and drop
-        the rest first, briefly: closing on unread data resets the connection, and the web
-        server could lose the response or answer 502."""
+        the rest first, briefly and without blocking (the LINGER phase)."""
         proto = conn.proto
         if proto.unread_input:
             # What already arrived may hold the end of it.
@@ -470,56 +784,48 @@ class Worker:
                     pass
             except ProtocolError:
                 pass
-        if proto.unread_input:
-            sock = conn.sock
-            deadline = time.monotonic() + LINGER_SECONDS
+        if not proto.unread_input:
+            self._close(conn)
+            return
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        conn.phase = _LINGER
+        conn.deadline = self._now + LINGER_SECONDS
+        self.pending.pop(conn.fd, None)
+        self._watch(conn)
+        self._linger(conn)
+
+    def _linger(self, conn: _Conn) -> None:
+        while True:
             try:
-                sock.shutdown(socket.SHUT_WR)
-                while (left := deadline - time.monotonic()) > 0:
-                    if not recv_some(sock, left):
-                        break
-            except (ClientDisconnected, OSError):
-                pass
-        self._close(conn)
+                data = conn.sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close(conn)
+                return
 
     def _flush_replies(self, conn: _Conn) -> bool:
         out = conn.proto.data_to_send()
         if out:
             try:
-                send_all(conn.sock, out, self.options.io_timeout)
+                send_all(conn.sock, out, self.options.send_timeout)
             except ClientDisconnected:
                 self._close(conn)
                 return False
         return True
 
-    def _handle(self, conn: _Conn, event: RequestReady) -> bool:
-        """Run one request. False when the connection was closed."""
+    def _handle(self, conn: _Conn, event: RequestReady, body: SpooledBody | None) -> bool:
+        """Run one complete request through the app. False when the connection was closed."""
         proto = conn.proto
         sock = conn.sock
         rid = event.request_id
-        timeout = self.options.io_timeout
-        aborted = False
-
-        def pull() -> bytes:
-            nonlocal aborted
-            while True:
-                try:
-                    ev = proto.next_event()
-                except ProtocolError as exc:
-                    raise ClientDisconnected(f"protocol error: {exc}") from exc
-                if ev is NEED_DATA:
-                    proto.receive_data(recv_some(sock, timeout))
-                    continue
-                if isinstance(ev, StdinData):
-                    return ev.data
-                if isinstance(ev, StdinEnd):
-                    return b""
-                if isinstance(ev, RequestAborted):
-                    aborted = True
-                    raise ClientDisconnected("the web server aborted the request")
-                if isinstance(ev, ConnectionClosed):
-                    raise ClientDisconnected("the web server closed the connection")
-                raise ClientDisconnected(f"unexpected {ev!r} while reading the body")
+        timeout = self.options.send_timeout
 
         def send_stdout(data: bytes) -> None:
             send_all(sock, proto.stdout(rid, data), timeout)
@@ -547,29 +853,17 @@ class Worker:
                 note(data)
                 plain_finish(data)
 
-        stream = InputStream(pull, self.options.max_body_size)
+        stream = InputStream(body.reader() if body is not None else EMPTY_BODY)
         environ = build_environ(event.params, stream, self.errors, self.options.script_name)
         environ["wsgi.file_wrapper"] = FileWrapper
         began = time.monotonic()
-        limit = self.options.max_body_size
-        declared = environ.get("CONTENT_LENGTH", "")
-        if limit and declared.isdigit() and int(declared) > limit:
-            app: WSGIApp = _refuse_body(limit)
-        else:
-            app = self.app
         board = self.scoreboard
         if board is not None:
             board.begin(self.slot, time.time(), environ["PATH_INFO"])
         self.requests += 1
         try:
-            run_app(app, environ, send_stdout, finish)
+            run_app(self.app, environ, send_stdout, finish)
         except ClientDisconnected as exc:
-            if aborted and not proto.idle:
-                try:
-                    send_all(sock, proto.end_request(rid, 1), timeout)
-                    return True
-                except ClientDisconnected:
-                    pass
             log.info("client went away on %s: %s", environ.get("PATH_INFO"), exc)
             self._close(conn)
             return False
@@ -578,7 +872,7 @@ class Worker:
             return False
         finally:
             if board is not None:
-                board.end(self.slot, self.requests)
+                board.end(self.slot, self.requests, time.monotonic())
             if self._access_fd >= 0:
                 self._log_access(environ, sent.status, sent.size, began)
         return True
@@ -592,18 +886,6 @@ class _Tally:
     def __init__(self) -> None:
         self.status = b""
         self.size = 0
-
-
-def _refuse_body(limit: int) -> WSGIApp:
-    def too_large(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
-        body = f"request body over the {limit} byte limit\n".encode()
-        start_response(
-            "413 Payload Too Large",
-            [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))],
-        )
-        return [body]
-
-    return too_large
 
 
 def encode_handoff(ended: list[int], leftover: bytes) -> bytes:

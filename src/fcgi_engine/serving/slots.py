@@ -1,0 +1,97 @@
+"""The rules for a generation's worker slots, as pure functions: no I/O, time is an argument.
+
+A slot is one place for a worker. When its worker dies, these rules say how soon it is
+replaced: at once when the worker had served or was killed from outside (an OOM killer, an
+operator), with a growing back-off only when it keeps dying young on its own (a crash loop), and
+never so that a healthy generation is left with no worker at all.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# A worker that lived this long, or served a request, was not crash-looping.
+YOUNG_SECONDS = 5.0
+# Back-off of a worker that keeps dying young on its own: 0, then BASE * 2**n up to CRASH_MAX.
+BACKOFF_BASE = 0.1
+CRASH_MAX = 5.0
+# A worker killed young from outside, again and again, waits at most this long.
+KILLED_MAX = 1.0
+# Even an empty pool is not refilled faster than this (a fork storm helps nobody).
+MIN_SPAWN_INTERVAL = 0.1
+# Signals a process raises against itself when it crashes; any other signal came from outside.
+_CRASH_SIGNALS = frozenset(
+    int(s) for s in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL)
+)
+
+
+@dataclass
+class Slot:
+    index: int
+    pid: int = 0
+    started: float = 0.0
+    failures: int = 0
+    respawn_at: float = 0.0
+    retired: bool = False
+    # The last death was a young crash of its own (the only kind the back-off is for).
+    crashed: bool = False
+
+
+@dataclass(frozen=True)
+class Death:
+    """What the rules need to know of a worker's end."""
+
+    exit_code: int  # os.waitstatus_to_exitcode: negative for a signal
+    lived: float
+    served: int
+
+
+def killed_from_outside(exit_code: int) -> bool:
+    return exit_code < 0 and -exit_code not in _CRASH_SIGNALS
+
+
+def after_death(slot: Slot, death: Death, now: float) -> float:
+    """Update `slot` for its worker's death; return the delay before its replacement."""
+    slot.pid = 0
+    young = death.lived < YOUNG_SECONDS and death.served == 0
+    if death.exit_code == 0 or not young:
+        # A clean exit (max_requests, a drain) or a worker that did its job: replace at once.
+        slot.failures = 0
+        slot.crashed = False
+        delay = 0.0
+    elif killed_from_outside(death.exit_code):
+        slot.failures += 1
+        slot.crashed = False
+        delay = (
+            0.0 if slot.failures <= 2 else min(BACKOFF_BASE * 2 ** (slot.failures - 2), KILLED_MAX)
+        )
+    else:
+        slot.failures += 1
+        slot.crashed = True
+        delay = (
+            0.0 if slot.failures <= 1 else min(BACKOFF_BASE * 2 ** (slot.failures - 1), CRASH_MAX)
+        )
+    slot.respawn_at = now + delay
+    return delay
+
+
+def _backoff(failures: int, most: float) -> float:
+    return 0.0 if failures <= 1 else min(BACKOFF_BASE * 2 ** (failures - 1), most)
+
+
+def due(slots: Sequence[Slot], now: float, last_spawn: float) -> list[Slot]:
+    """The slots whose worker should be started now.
+
+    A pool with no live worker is not left waiting on a back-off meant for crash loops unless
+    every empty slot is crash-looping on its own: the slot due soonest is started at once.
+    """
+    empty = [s for s in slots if not s.pid and not s.retired]
+    ready = [s for s in empty if now >= s.respawn_at]
+    alive = any(s.pid for s in slots)
+    if not ready and empty and not alive and now - last_spawn >= MIN_SPAWN_INTERVAL:
+        healthy = [s for s in empty if not s.crashed]
+        if healthy:
+            ready = [min(healthy, key=lambda s: s.respawn_at)]
+    return ready
