@@ -213,3 +213,138 @@ def test_usr1_skips_a_booting_generation_and_resize_catches_up_after_boot() -> N
     pol.handle(P.SignalReceived(signal.SIGTTIN, 5.2))
     acts = pol.handle(P.GenerationReady(2, 6.0, [21, 22]))
     assert P.ResizeGeneration(2, 3) in acts
+
+
+# ---------------------------------------------------------------- HUP during a boot is queued
+
+
+def spawned(actions: list[P.Action]) -> list[int]:
+    return [a.gen_id for a in actions if isinstance(a, P.SpawnGeneration)]
+
+
+def test_hup_during_boot_queues_one_more_rollout_after_ready() -> None:
+    pol = make()
+    started(pol)
+    assert spawned(pol.handle(P.SignalReceived(signal.SIGHUP, 5.0))) == [2]
+    acts = pol.handle(P.SignalReceived(signal.SIGHUP, 5.1))
+    assert spawned(acts) == []
+    assert any(isinstance(a, P.Log) and "queued" in a.message for a in acts)
+    [reply] = pol.handle(P.StatusRequested(5.2, "c"))
+    assert reply.payload["status"]["rollout_queued"] is True
+    acts = pol.handle(P.GenerationReady(2, 6.0, [21, 22]))
+    # Generation 2 takes over as usual, and the queued rollout starts at once.
+    assert P.SignalGeneration(1, signal.SIGHUP) in acts
+    assert spawned(acts) == [3]
+    assert pol.active == 2 and pol.booting == 3
+    assert pol.snapshot(6.0)["rollout_queued"] is False
+
+
+def test_hup_during_the_first_boot_queues_a_rollout_after_it() -> None:
+    pol = make()
+    assert spawned(pol.handle(P.Started(0.0))) == [1]
+    assert spawned(pol.handle(P.SignalReceived(signal.SIGHUP, 0.1))) == []
+    acts = pol.handle(P.GenerationReady(1, 1.0, [11, 12]))
+    assert P.NotifyStarted(True, "generation 1 ready") in acts
+    assert spawned(acts) == [2]
+
+
+def test_many_hups_during_one_boot_queue_a_single_rollout() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(P.SignalReceived(signal.SIGHUP, 5.0))
+    for n in range(3):
+        assert spawned(pol.handle(P.SignalReceived(signal.SIGHUP, 5.1 + n / 10))) == []
+    assert spawned(pol.handle(P.GenerationReady(2, 6.0, [21, 22]))) == [3]
+    # The queued rollout was the only extra one: its own ready starts nothing more.
+    assert spawned(pol.handle(P.GenerationReady(3, 7.0, [31, 32]))) == []
+    assert pol.active == 3 and pol.booting is None
+
+
+def test_queued_hup_still_rolls_out_after_a_failed_boot() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(P.SignalReceived(signal.SIGHUP, 5.0))
+    pol.handle(P.SignalReceived(signal.SIGHUP, 5.1))
+    acts = pol.handle(P.GenerationFailed(2, 6.0, "RuntimeError: broken release"))
+    assert P.KillGeneration(2) in acts
+    # Perhaps the HUP came with the fix for the broken release: it is honoured.
+    assert spawned(acts) == [3]
+    assert pol.active == 1 and pol.booting == 3
+
+
+def test_queued_hup_still_rolls_out_after_an_exit_or_timeout_before_ready() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(P.SignalReceived(signal.SIGHUP, 5.0))
+    pol.handle(P.SignalReceived(signal.SIGHUP, 5.1))
+    assert spawned(pol.handle(P.GenerationExited(2, 5.5, 1, "Segmentation fault"))) == [3]
+    pol.handle(P.SignalReceived(signal.SIGHUP, 5.6))
+    # Generation 3 hangs past boot_timeout (10 s): the queued rollout follows its failure.
+    acts = pol.handle(P.Tick(16.0))
+    assert P.KillGeneration(3) in acts
+    assert spawned(acts) == [4]
+
+
+def test_queued_hup_is_dropped_when_the_server_stops() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(P.SignalReceived(signal.SIGHUP, 5.0))
+    pol.handle(P.SignalReceived(signal.SIGHUP, 5.1))
+    acts = pol.handle(P.SignalReceived(signal.SIGTERM, 5.2))
+    assert P.KillGeneration(2) in acts and spawned(acts) == []
+    assert pol.snapshot(5.2)["rollout_queued"] is False
+    assert spawned(pol.handle(P.GenerationExited(2, 5.3, -9))) == []
+    acts = pol.handle(P.GenerationExited(1, 6.0, 0))
+    assert spawned(acts) == [] and P.Exit(0) in acts
+
+
+def test_queued_hup_does_not_keep_a_failed_first_boot_alive() -> None:
+    # A failed first boot ends `serve` non-zero (its --daemon parent is already told so).
+    pol = make()
+    pol.handle(P.Started(0.0))
+    pol.handle(P.SignalReceived(signal.SIGHUP, 0.1))
+    acts = pol.handle(P.GenerationFailed(1, 0.5, "ImportError: no module x"))
+    assert spawned(acts) == []
+    assert P.NotifyStarted(False, "ImportError: no module x") in acts
+    assert kinds(pol.handle(P.GenerationExited(1, 0.6, 1))) == ["Exit"]
+
+
+def test_graceful_during_boot_is_refused_not_queued() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(P.SignalReceived(signal.SIGHUP, 5.0))
+    acts = pol.handle(P.RolloutRequested(5.1, reply_to="b"))
+    assert acts == [
+        P.Reply(
+            "b", {"ok": False, "error": "a rollout is already running (generation 2 is booting)"}
+        )
+    ]
+    assert spawned(pol.handle(P.GenerationReady(2, 6.0, [21, 22]))) == []
+
+
+def test_active_generation_exit_during_a_rollout_keeps_the_booting_one() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(P.RolloutRequested(5.0, reply_to="c"))
+    acts = pol.handle(P.GenerationExited(1, 5.5, -9))
+    assert spawned(acts) == []
+    assert pol.booting == 2
+    acts = pol.handle(P.GenerationReady(2, 6.0, [21, 22]))
+    assert pol.active == 2
+    [reply] = [a for a in acts if isinstance(a, P.Reply)]
+    assert reply.payload["ok"] is True and reply.payload["to"] == 2
+
+
+def test_queued_hup_after_a_failed_boot_with_nothing_serving_is_the_backed_off_respawn() -> None:
+    pol = make()
+    started(pol)
+    assert spawned(pol.handle(P.GenerationExited(1, 4.0, -9))) == [2]
+    pol.handle(P.SignalReceived(signal.SIGHUP, 4.1))
+    # No generation serves: the respawn boots the deployed code after its back-off, which is
+    # what the HUP asked for; an immediate extra boot would defeat the back-off.
+    assert spawned(pol.handle(P.GenerationFailed(2, 4.5, "crash"))) == []
+    pol.handle(P.GenerationExited(2, 4.6, 1))
+    assert pol.respawn_at is not None
+    assert spawned(pol.handle(P.Tick(pol.respawn_at + 0.01))) == [3]
+    assert spawned(pol.handle(P.GenerationReady(3, 8.0, [31, 32]))) == []
+    assert pol.active == 3 and not pol.rollout_queued

@@ -3,6 +3,7 @@ carries the policy's actions out. It holds the listening socket for its whole li
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -35,6 +36,69 @@ HANDLED_SIGNALS = (
 )
 REEXEC_ENV = "FCGI_ENGINE_REEXEC"
 _TAIL = 16384
+
+# Control clients are the manager and operators: a handful at a time. The cap bounds the fds a
+# flood of idle connections can take from the master. A connection over it evicts the oldest one
+# yet to send its request (so a flood cannot keep `status` out for the 10 s below); when every
+# slot waits for a reply (graceful, stop), accepting stops and the kernel backlog holds the rest.
+MAX_CONTROL_CONNS = 64
+# A control client writes its one short line as soon as it connects, so 10 s is ample on a loaded
+# machine; the deadline runs from accept and data does not extend it, so a trickler cannot hold a
+# slot for longer.
+CONTROL_REQUEST_TIMEOUT = 10.0
+# A control request line is a small JSON object; a longer one is garbage or an attack.
+MAX_CONTROL_LINE = 65536
+# accept() failing for want of fds or memory stays failing while the control socket is readable:
+# stop watching it this long rather than spin, so the children that free the resources can run.
+ACCEPT_BACKOFF = 0.5
+# Resource errors repeat while the shortage lasts: one log line per kind per interval, with a count.
+RESOURCE_LOG_INTERVAL = 10.0
+# Accepts per wake-up: enough to drain a burst in a few rounds, few enough that children and
+# signals are still looked at in between.
+_ACCEPTS_PER_WAKEUP = 16
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+@dataclass
+class ControlConn:
+    """A control connection still reading its request line."""
+
+    sock: socket.socket
+    deadline: float
+    buf: bytes = b""
+
+
+class RateLimitedLog:
+    """One log line per key per interval; the occurrences in between are counted, not lost."""
+
+    def __init__(self, interval: float = RESOURCE_LOG_INTERVAL) -> None:
+        self.interval = interval
+        self.last: dict[str, float] = {}
+        self.pending: dict[str, tuple[int, str, int]] = {}
+
+    def __call__(self, key: str, message: str, now: float, level: int = logging.ERROR) -> None:
+        last = self.last.get(key)
+        if last is not None and now - last < self.interval:
+            count, _, _ = self.pending.get(key, (0, "", level))
+            self.pending[key] = (count + 1, message, level)
+            return
+        self.last[key] = now
+        log.log(level, "%s", message)
+
+    def flush(self, now: float) -> None:
+        """Report what was held back once its interval is over, even if it does not recur."""
+        for key, (count, message, level) in list(self.pending.items()):
+            if now - self.last.get(key, 0.0) >= self.interval:
+                del self.pending[key]
+                self.last[key] = now
+                log.log(
+                    level,
+                    "%s (%d more time%s in the last %g s)",
+                    message,
+                    count,
+                    "" if count == 1 else "s",
+                    self.interval,
+                )
 
 
 @dataclass
@@ -78,7 +142,13 @@ class MasterLoop:
         self.pending_signals: list[int] = []
         self.wakeup = WakeupPipe()
         self.exit_code: int | None = None
-        self.control_conns: dict[int, bytes] = {}
+        # Every open control connection, by fd: those reading their request (ControlConn) and
+        # those waiting for the policy's reply (None). All count towards MAX_CONTROL_CONNS.
+        self.control_conns: dict[int, ControlConn | None] = {}
+        self.accept_watched = False
+        self.accept_paused_until = 0.0
+        self.limited_log = RateLimitedLog()
+        self.deferred_events: list[P.Event] = []
         self.reexec_requested = False
         self.unix_path: str | None = None
 
@@ -98,7 +168,7 @@ class MasterLoop:
         self.sel.register(self.wakeup.read_fd, selectors.EVENT_READ, ("wake", None))
         if self.control_sock is not None:
             self.control_sock.setblocking(False)
-            self.sel.register(self.control_sock, selectors.EVENT_READ, ("control", None))
+            self._watch_accept(time.monotonic())
         if adopted:
             self._adopt(adopted)
         else:
@@ -123,6 +193,9 @@ class MasterLoop:
                 )
             self._reap(now)
             self._execute(self.policy.handle(P.Tick(now)))
+            self._expire_control(now)
+            self._watch_accept(now)
+            self.limited_log.flush(now)
             if self.reexec_requested:
                 self.reexec_requested = False
                 self._reexec()
@@ -138,9 +211,27 @@ class MasterLoop:
             return os.path.join(python, "bin", "python")
         return python
 
+    def _spawn_failed(self, gen_id: int, error: str) -> None:
+        """The generation never started: the policy sees a boot that failed and exited."""
+        now = time.monotonic()
+        self.deferred_events += [
+            P.GenerationFailed(gen_id, now, error),
+            P.GenerationExited(gen_id, now, 127),
+        ]
+
     def _spawn(self, gen_id: int, nproc: int) -> None:
-        ours, theirs = socket.socketpair()
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            ours, theirs = socket.socketpair()
+        except OSError as exc:
+            self._spawn_failed(gen_id, f"cannot start generation {gen_id}: socketpair: {exc}")
+            return
+        try:
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        except OSError as exc:
+            ours.close()
+            theirs.close()
+            self._spawn_failed(gen_id, f"cannot start generation {gen_id}: pipe: {exc}")
+            return
         env = os.environ.copy()
         env.pop(REEXEC_ENV, None)
         env.update({k: str(v) for k, v in self.cfg.environment.items()})
@@ -182,21 +273,24 @@ class MasterLoop:
             ours.close()
             os.close(out_r)
             os.close(out_w)
-            self._execute(
-                self.policy.handle(
-                    P.GenerationFailed(
-                        gen_id, time.monotonic(), f"cannot start {self._python()}: {exc}"
-                    )
-                )
-            )
-            self._execute(self.policy.handle(P.GenerationExited(gen_id, time.monotonic(), 127)))
+            self._spawn_failed(gen_id, f"cannot start {self._python()}: {exc}")
             return
         theirs.close()
         os.close(out_w)
         child = Child(gen_id, proc.pid, ours, out_r, proc)
-        self._register_child(child)
+        try:
+            self._register_child(child)
+        except OSError as exc:
+            # Unwatched, it could never report ready: kill it; the reap reports its exit.
+            self._kill_group(child)
+            self.deferred_events.append(
+                P.GenerationFailed(
+                    gen_id, time.monotonic(), f"cannot watch generation {gen_id}: {exc}"
+                )
+            )
 
     def _register_child(self, child: Child) -> None:
+        # In `children` first, so that whatever fails below, the reap still finds it.
         self.children[child.gen_id] = child
         child.channel.setblocking(False)
         os.set_blocking(child.output, False)
@@ -296,37 +390,133 @@ class MasterLoop:
 
     # ------------------------------------------------------------ control
 
+    def _watch_accept(self, now: float) -> None:
+        """Watch the control socket unless accepts are backing off or the slots are full."""
+        if self.control_sock is None:
+            return
+        want = now >= self.accept_paused_until and (
+            len(self.control_conns) < MAX_CONTROL_CONNS or self._oldest_reading() is not None
+        )
+        if want == self.accept_watched:
+            return
+        if not want:
+            self._unregister(self.control_sock)
+        else:
+            try:
+                self.sel.register(self.control_sock, selectors.EVENT_READ, ("control", None))
+            except KeyError:
+                pass  # already watched
+            except (ValueError, OSError) as exc:
+                # epoll_ctl can fail with ENOMEM/ENOSPC: try again next round.
+                self.limited_log(
+                    "ctl-watch", f"{self.cfg.name}: cannot watch the control socket: {exc}", now
+                )
+                return
+        self.accept_watched = want
+
+    def _oldest_reading(self) -> ControlConn | None:
+        reading = [c for c in self.control_conns.values() if c is not None]
+        return min(reading, key=lambda c: c.deadline) if reading else None
+
     def _accept_control(self) -> None:
         assert self.control_sock is not None
-        try:
-            conn, _ = self.control_sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        conn.setblocking(False)
-        self.control_conns[conn.fileno()] = b""
-        self.sel.register(conn, selectors.EVENT_READ, ("ctl-conn", conn))
+        for _ in range(_ACCEPTS_PER_WAKEUP):
+            now = time.monotonic()
+            full = len(self.control_conns) >= MAX_CONTROL_CONNS
+            if full and self._oldest_reading() is None:
+                # Every slot waits for a reply: the backlog holds the rest until one closes.
+                break
+            try:
+                conn, _ = self.control_sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRNOS:
+                    # Pending connections keep the socket readable: stop watching it for a while
+                    # instead of spinning on the same error.
+                    self.accept_paused_until = now + ACCEPT_BACKOFF
+                    self._watch_accept(now)
+                    self.limited_log(
+                        "ctl-accept",
+                        f"{self.cfg.name}: cannot accept control connections: {exc}; "
+                        f"pausing them for {ACCEPT_BACKOFF:g} s",
+                        now,
+                    )
+                elif exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    # Not a per-connection error: back off too rather than risk spinning.
+                    self.accept_paused_until = now + ACCEPT_BACKOFF
+                    self._watch_accept(now)
+                    self.limited_log(
+                        "ctl-accept-other",
+                        f"{self.cfg.name}: control accept failed: {exc}",
+                        now,
+                    )
+                return
+            try:
+                conn.setblocking(False)
+                self.sel.register(conn, selectors.EVENT_READ, ("ctl-conn", conn))
+            except OSError as exc:
+                conn.close()
+                self.limited_log(
+                    "ctl-register",
+                    f"{self.cfg.name}: cannot watch a control connection: {exc}",
+                    now,
+                )
+                continue
+            if full:
+                oldest = self._oldest_reading()
+                assert oldest is not None
+                self.limited_log(
+                    "ctl-full",
+                    f"{self.cfg.name}: {MAX_CONTROL_CONNS} control connections open: closed "
+                    "the oldest one yet to send its request, to take a new one",
+                    now,
+                    logging.WARNING,
+                )
+                self._close_control(oldest.sock)
+            self.control_conns[conn.fileno()] = ControlConn(conn, now + CONTROL_REQUEST_TIMEOUT)
+        self._watch_accept(time.monotonic())
+
+    def _expire_control(self, now: float) -> None:
+        for cc in [c for c in self.control_conns.values() if c is not None and now >= c.deadline]:
+            # Rate-limited: a flood of idle connections expires in a burst.
+            self.limited_log(
+                "ctl-deadline",
+                f"{self.cfg.name}: control connection closed: no complete request within "
+                f"{CONTROL_REQUEST_TIMEOUT:g} s ({len(cc.buf)} bytes received)",
+                now,
+                logging.WARNING,
+            )
+            self._close_control(cc.sock)
 
     def _read_control(self, conn: socket.socket) -> None:
+        cc = self.control_conns.get(conn.fileno())
+        if cc is None:
+            self._unregister(conn)
+            return
         try:
             data = conn.recv(65536)
-        except BlockingIOError:
+        except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
-        fd = conn.fileno()
         if not data:
-            self._drop_control(conn)
+            self._close_control(conn)
             return
-        buf = self.control_conns.get(fd, b"") + data
-        if b"\n" not in buf:
-            if len(buf) > 65536:
-                self._drop_control(conn)
-            else:
-                self.control_conns[fd] = buf
+        cc.buf += data
+        if b"\n" not in cc.buf:
+            if len(cc.buf) > MAX_CONTROL_LINE:
+                log.warning(
+                    "%s: control connection closed: request line over %d bytes",
+                    self.cfg.name,
+                    MAX_CONTROL_LINE,
+                )
+                self._close_control(conn)
             return
-        line = buf.split(b"\n", 1)[0]
+        line = cc.buf.split(b"\n", 1)[0]
         self._unregister(conn)
-        self.control_conns.pop(fd, None)
+        # Still open (and counted) until the reply, which may come much later (graceful, stop).
+        self.control_conns[conn.fileno()] = None
         now = time.monotonic()
         try:
             msg = control.decode(line)
@@ -345,7 +535,7 @@ class MasterLoop:
             return
         self._execute(self.policy.handle(ev))
 
-    def _drop_control(self, conn: socket.socket) -> None:
+    def _close_control(self, conn: socket.socket) -> None:
         self._unregister(conn)
         self.control_conns.pop(conn.fileno(), None)
         conn.close()
@@ -354,72 +544,137 @@ class MasterLoop:
         if not isinstance(conn, socket.socket):
             return
         payload.setdefault("pid", os.getpid())
+        data = control.encode(payload)
         try:
-            conn.setblocking(True)
-            conn.settimeout(2.0)
-            conn.sendall(control.encode(payload))
-        except OSError:
-            pass
+            # Never wait on a reader: a reply is small and fits the socket buffer of any client
+            # that reads; one whose buffer is full loses its reply rather than stall the master.
+            sent = conn.send(data, socket.MSG_DONTWAIT)
+            if sent < len(data):
+                log.warning(
+                    "%s: control reply cut short (%d of %d bytes): the client is not reading",
+                    self.cfg.name,
+                    sent,
+                    len(data),
+                )
+        except BlockingIOError:
+            log.warning("%s: control reply dropped: the client is not reading", self.cfg.name)
+        except OSError as exc:
+            # Usually the client gave up (EPIPE, ECONNRESET): nothing to tell anyone.
+            log.debug("%s: control reply not sent: %s", self.cfg.name, exc)
         finally:
-            conn.close()
+            self._close_control(conn)
 
     # ------------------------------------------------------------ actions
 
     def _execute(self, actions: list[P.Action]) -> None:
         for action in actions:
-            if isinstance(action, P.SpawnGeneration):
-                self._spawn(action.gen_id, action.nproc)
-            elif isinstance(action, P.SignalGeneration):
-                child = self.children.get(action.gen_id)
-                if child is not None:
-                    try:
-                        os.kill(child.pid, action.signum)
-                    except ProcessLookupError:
-                        pass
-            elif isinstance(action, P.ResizeGeneration):
-                child = self.children.get(action.gen_id)
-                if child is not None:
-                    try:
-                        child.channel.sendall(control.encode({"cmd": "nproc", "n": action.nproc}))
-                    except OSError:
-                        pass
-            elif isinstance(action, P.KillGeneration):
-                child = self.children.get(action.gen_id)
-                if child is not None:
-                    try:
-                        os.killpg(child.pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
-            elif isinstance(action, P.Reply):
-                self._reply(action.reply_to, dict(action.payload))
-            elif isinstance(action, P.NotifyStarted):
-                self._notify(action.ok, action.message)
-            elif isinstance(action, P.Log):
-                getattr(log, action.level)(action.message)
-            elif isinstance(action, P.ReopenLogs):
-                self._reopen_logs()
-            elif isinstance(action, P.ReExec):
-                self.reexec_requested = True
-            elif isinstance(action, P.Exit):
-                self.exit_code = action.code
+            try:
+                self._execute_one(action)
+            except OSError as exc:
+                # The backstop: an OS error in one action must neither skip the actions after it
+                # (a reply, an exit) nor escape the loop and take the master and its socket down.
+                self.limited_log(
+                    "action-" + type(action).__name__,
+                    f"{self.cfg.name}: {type(action).__name__} failed: {exc}",
+                    time.monotonic(),
+                )
+        # Outcomes of these actions, handled once the list is done so the policy's decisions
+        # are carried out in the order it made them.
+        while self.deferred_events:
+            self._execute(self.policy.handle(self.deferred_events.pop(0)))
+
+    def _kill_group(self, child: Child) -> None:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        except OSError as exc:
+            log.error(
+                "%s: cannot kill generation %d (pid %d): %s",
+                self.cfg.name,
+                child.gen_id,
+                child.pid,
+                exc,
+            )
+
+    def _execute_one(self, action: P.Action) -> None:
+        if isinstance(action, P.SpawnGeneration):
+            self._spawn(action.gen_id, action.nproc)
+        elif isinstance(action, P.SignalGeneration):
+            child = self.children.get(action.gen_id)
+            if child is not None:
+                try:
+                    os.kill(child.pid, action.signum)
+                except ProcessLookupError:
+                    pass
+                except OSError as exc:
+                    log.error(
+                        "%s: cannot signal generation %d (pid %d) with %s: %s",
+                        self.cfg.name,
+                        child.gen_id,
+                        child.pid,
+                        signal.Signals(action.signum).name,
+                        exc,
+                    )
+        elif isinstance(action, P.ResizeGeneration):
+            child = self.children.get(action.gen_id)
+            if child is not None:
+                try:
+                    # Non-blocking, and a few bytes: it fits unless the generation stopped
+                    # reading its channel, and then it is too wedged to resize anyway.
+                    child.channel.sendall(control.encode({"cmd": "nproc", "n": action.nproc}))
+                except OSError as exc:
+                    log.error(
+                        "%s: cannot tell generation %d to run %d workers: %s",
+                        self.cfg.name,
+                        child.gen_id,
+                        action.nproc,
+                        exc,
+                    )
+        elif isinstance(action, P.KillGeneration):
+            child = self.children.get(action.gen_id)
+            if child is not None:
+                self._kill_group(child)
+        elif isinstance(action, P.Reply):
+            self._reply(action.reply_to, dict(action.payload))
+        elif isinstance(action, P.NotifyStarted):
+            self._notify(action.ok, action.message)
+        elif isinstance(action, P.Log):
+            getattr(log, action.level)(action.message)
+        elif isinstance(action, P.ReopenLogs):
+            self._reopen_logs()
+        elif isinstance(action, P.ReExec):
+            self.reexec_requested = True
+        elif isinstance(action, P.Exit):
+            self.exit_code = action.code
 
     def _notify(self, ok: bool, message: str) -> None:
         if self.ready_fd < 0:
             return
         try:
             os.write(self.ready_fd, (("ok " if ok else "fail ") + message + "\n").encode())
-            os.close(self.ready_fd)
         except OSError:
-            pass
-        self.ready_fd = -1
+            pass  # the parent waiting on `serve --daemon` is gone: nobody to tell
+        finally:
+            os.close(self.ready_fd)
+            self.ready_fd = -1
 
     def _reopen_logs(self) -> None:
         path = self.cfg.error_log
         if not path:
             return
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        os.dup2(fd, 2)
-        os.close(fd)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            # Keep logging to the file already open: a log not rotated beats a master gone.
+            log.error(
+                "%s: cannot reopen %s, still logging to the old file: %s", self.cfg.name, path, exc
+            )
+            return
+        try:
+            os.dup2(fd, 2)
+        finally:
+            os.close(fd)
         log.info("%s: reopened %s", self.cfg.name, path)
 
     # ------------------------------------------------------------ re-exec in place

@@ -218,6 +218,10 @@ class MasterPolicy:
         self.respawn_at: float | None = None
         self.exit_code = 0
         self.drain_waiters: dict[int, list[tuple[Any, dict[str, Any], float]]] = {}
+        # A HUP while a generation boots: one more rollout is wanted once that boot ends. A
+        # flag, not a count: any number of HUPs during one boot ask for the same thing (boot
+        # whatever is deployed now), so they coalesce into one rollout.
+        self.rollout_queued = False
 
     # ------------------------------------------------------------ helpers
 
@@ -228,6 +232,8 @@ class MasterPolicy:
             gen_id, Phase.BOOTING, now, deadline=now + self.settings.boot_timeout
         )
         self.booting = gen_id
+        # Whatever boots now supersedes a respawn scheduled earlier.
+        self.respawn_at = None
         return [
             SpawnGeneration(gen_id, self.nproc),
             Log("info", f"{self.settings.name}: booting generation {gen_id}"),
@@ -262,6 +268,7 @@ class MasterPolicy:
             "uptime": round(now - self.started_at, 3),
             "generations": gens,
             "last_rollout": self.last_rollout,
+            "rollout_queued": self.rollout_queued,
         }
 
     # ------------------------------------------------------------ the decision
@@ -318,10 +325,19 @@ class MasterPolicy:
                     ok=False,
                     error=f"a rollout is already running (generation {self.booting} is booting)",
                 )
+            # A HUP has nobody to tell "try again", so dropping it would lose a deploy that
+            # signalled just after a start or another rollout: remember it instead.
+            already = self.rollout_queued
+            self.rollout_queued = True
             return [
                 Log(
-                    "warning",
-                    f"{self._name()}: rollout refused: generation {self.booting} is still booting",
+                    "info",
+                    f"{self._name()}: HUP while generation {self.booting} boots: "
+                    + (
+                        "a rollout is already queued after it"
+                        if already
+                        else "rollout queued to start when that boot ends"
+                    ),
                 )
             ]
         if ev.reply_to is not None:
@@ -409,7 +425,25 @@ class MasterPolicy:
         if not self.started_ok:
             self.started_ok = True
             actions.append(NotifyStarted(True, f"generation {ev.gen_id} ready"))
+        actions += self._run_queued_rollout(ev.now, ev.gen_id)
         return actions
+
+    def _run_queued_rollout(self, now: float, ended: int) -> list[Action]:
+        """The boot of generation `ended` is over (ready or failed): start the rollout a HUP
+        queued during it, unless the server is stopping or a respawn will boot fresh code anyway."""
+        if not self.rollout_queued:
+            return []
+        self.rollout_queued = False
+        if self.stopping:
+            return [Log("info", f"{self._name()}: queued rollout dropped: the server is stopping")]
+        if self.booting is not None or self.respawn_at is not None:
+            # The next boot re-resolves the app after the HUP, which is all the HUP asked for.
+            return [
+                Log("info", f"{self._name()}: queued rollout served by the next generation boot")
+            ]
+        return [
+            Log("info", f"{self._name()}: starting the rollout queued during generation {ended}")
+        ] + self._spawn(now)
 
     def _fail_booting(self, now: float, error: str) -> list[Action]:
         gen_id = self.booting
@@ -444,6 +478,7 @@ class MasterPolicy:
                 actions += self._schedule_respawn(now)
         elif self.active is None and not self.stopping:
             actions += self._schedule_respawn(now)
+        actions += self._run_queued_rollout(now, gen_id)
         return actions
 
     def _schedule_respawn(self, now: float) -> list[Action]:
@@ -495,7 +530,18 @@ class MasterPolicy:
                         f"unexpectedly (status {ev.code})",
                     )
                 )
-                actions += self._spawn(ev.now)
+                if self.booting is None:
+                    actions += self._spawn(ev.now)
+                else:
+                    # Spawning here would orphan the booting generation (its ready would be
+                    # ignored); it takes over when ready, or its failure schedules a respawn.
+                    actions.append(
+                        Log(
+                            "info",
+                            f"{self._name()}: generation {self.booting} is booting and takes "
+                            "over when ready",
+                        )
+                    )
         elif rec.phase is Phase.DRAINING:
             actions.append(Log("info", f"{self._name()}: generation {ev.gen_id} drained"))
         for waiter, outcome, started in self.drain_waiters.pop(ev.gen_id, []):
