@@ -44,6 +44,23 @@ def wait_for(
     )
 
 
+def child_pids(pid: int) -> list[int]:
+    """The direct children of `pid` (Linux: /proc/PID/task/*/children)."""
+    found: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(p) for p in f.read().split()]
+    except OSError:
+        pass
+    return found
+
+
+def worker_pids(master_pid: int) -> list[int]:
+    """The worker processes under a master: its generations' children."""
+    return [w for gen in child_pids(master_pid) for w in child_pids(gen)]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -145,11 +162,13 @@ def serve(tmp: Path) -> Iterator[Callable[..., Server]]:
         wait: bool = True,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
+        wrap: list[str] | None = None,
     ) -> Server:
         address = listen or str(tmp / f"app{len(started)}.sock")
         pidfile = str(tmp / f"app{len(started)}.pid")
         log_path = str(tmp / f"app{len(started)}.log")
         cmd = [
+            *(wrap or []),
             sys.executable,
             "-m",
             "fcgi_engine",

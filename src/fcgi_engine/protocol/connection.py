@@ -101,7 +101,9 @@ class Connection:
         self._buf = b""
         self._pos = 0
         self._eof = False
-        self._broken: ProtocolError | None = None
+        # Why the peer broke the protocol: the message only. A stored exception would keep its
+        # traceback, whose frames hold this connection and its buffers until the cyclic GC runs.
+        self._broken: str | None = None
         self._out = bytearray()
         self._request: _Request | None = None
         # Requests this side already ended: their late records are ignored. A connection that
@@ -149,7 +151,7 @@ class Connection:
     def next_event(self) -> Event | _NeedData:
         """The next event, or NEED_DATA. Raises ProtocolError when the peer broke the protocol."""
         if self._broken is not None:
-            raise self._broken
+            raise ProtocolError(self._broken)
         buf = self._buf
         end = len(buf)
         try:
@@ -169,7 +171,7 @@ class Connection:
                 if event is not None:
                     return event
         except ProtocolError as exc:
-            self._broken = exc
+            self._broken = str(exc)
             raise
         if self._eof:
             return ConnectionClosed()
