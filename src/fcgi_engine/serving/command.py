@@ -1,7 +1,10 @@
 """A generation of any FastCGI program (`command:`): php-cgi, a Perl FCGI script, a C responder.
 
 Each of `nproc` processes gets the listening socket as fd 0, the FastCGI way. A foreign program
-cannot be told to stop accepting, so a drain waits for each process to hold no connection of
+accepts as soon as it starts, so the release is proven first by one more instance on a private
+socket of its own (it must stay up and, with `health`, answer 2xx there); only then are the
+workers started on the shared socket. A foreign program cannot be told to stop accepting, so a
+drain waits for each process to hold no connection of
 ours (read from /proc) and only then sends it SIGTERM: the program is stopped between requests,
 never in the middle of one. The new generation already accepts on the same socket, so nothing
 waiting in the backlog is lost.
@@ -11,10 +14,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
+from typing import NoReturn
 
 from fcgi_engine.config.address import TcpAddress, UnixAddress, parse_address
 from fcgi_engine.config.generation import GenerationConfig
@@ -101,7 +107,8 @@ class CommandGeneration(Generation):
             if s.pid
         ]
 
-    def spawn(self, slot: _Slot, private: socket.socket | None = None) -> None:
+    def _start(self, listen_fd: int) -> int:
+        """Fork and exec the program with `listen_fd` as its fd 0; its pid."""
         pid = os.fork()
         if pid == 0:
             try:
@@ -112,11 +119,12 @@ class CommandGeneration(Generation):
                     signal.SIGINT,
                     signal.SIGCHLD,
                     signal.SIGUSR1,
+                    signal.SIGUSR2,
                     signal.SIGPIPE,
                 ):
                     signal.signal(sig, signal.SIG_DFL)
                 signal.set_wakeup_fd(-1)
-                os.dup2(self.listener.fileno(), 0)
+                os.dup2(listen_fd, 0)
                 null = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(null, 1)
                 os.close(null)
@@ -125,49 +133,79 @@ class CommandGeneration(Generation):
             except BaseException as exc:  # noqa: BLE001 - report and leave
                 print(f"cannot exec {self.cfg.command[0]}: {exc}", file=sys.stderr, flush=True)
             os._exit(127)
-        slot.pid = pid
-        slot.started = time.monotonic()
+        return pid
+
+    def spawn(self, slot: _Slot, private: socket.socket | None = None) -> None:
+        slot.pid = self._start(self.listener.fileno())
+        slot.started = self.last_spawn = time.monotonic()
+
+    def _fail(self, error: str) -> NoReturn:
+        self.report(event="failed", error=error)
+        self.stop_workers(signal.SIGKILL)
+        raise SystemExit(1)
+
+    def _prove(self, deadline: float) -> None:
+        """Run one instance on a private socket, where no live request can reach it, and check
+        it there; report the failure and exit when it does not hold up."""
+        directory = tempfile.mkdtemp(prefix="fcgi-engine-proof-")
+        path = os.path.join(directory, "proof.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = 0
+        try:
+            listener.bind(path)
+            listener.listen(16)
+            pid = self._start(listener.fileno())
+            # A program that cannot start dies at once: give it a moment to show that.
+            settle = time.monotonic() + min(0.5, self.cfg.boot_timeout / 2)
+            while time.monotonic() < settle:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    pid = 0
+                    code = os.waitstatus_to_exitcode(status)
+                    self._fail(f"{self.cfg.command[0]} exited with status {code} at start")
+                time.sleep(0.02)
+            if self.cfg.health:
+                from fcgi_engine.client import ClientError, request
+
+                try:
+                    response = request(
+                        path, self.cfg.health, timeout=max(0.1, deadline - time.monotonic())
+                    )
+                except ClientError as exc:
+                    self._fail(f"health check {self.cfg.health}: {exc}")
+                if not 200 <= response.status < 300:
+                    self._fail(
+                        f"health check {self.cfg.health} answered "
+                        f"{response.status} {response.reason}"
+                    )
+        finally:
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                except (ProcessLookupError, ChildProcessError):
+                    pass
+            listener.close()
+            shutil.rmtree(directory, ignore_errors=True)
 
     def boot(self) -> None:
         deadline = time.monotonic() + self.cfg.boot_timeout
+        self._prove(deadline)
+        self.proven = True
         for index in range(self.cfg.nproc):
             slot = _Slot(index)
             self.slots.append(slot)
             self.spawn(slot)
-        # A program that cannot start dies at once: give it a moment to show that.
-        settle = time.monotonic() + min(0.5, self.cfg.boot_timeout / 2)
+        # The same program just proved itself; one that dies at once now still fails the boot.
+        settle = time.monotonic() + min(0.2, self.cfg.boot_timeout / 4)
         while time.monotonic() < settle:
             for slot in self.slots:
                 pid, status = os.waitpid(slot.pid, os.WNOHANG)
                 if pid:
-                    code = os.waitstatus_to_exitcode(status)
                     slot.pid = 0
-                    self.report(
-                        event="failed",
-                        error=f"{self.cfg.command[0]} exited with status {code} at start",
-                    )
-                    self.stop_workers(signal.SIGKILL)
-                    raise SystemExit(1)
+                    code = os.waitstatus_to_exitcode(status)
+                    self._fail(f"{self.cfg.command[0]} exited with status {code} at start")
             time.sleep(0.02)
-        if self.cfg.health and self.cfg.address:
-            from fcgi_engine.client import ClientError, request
-
-            try:
-                response = request(
-                    self.cfg.address, self.cfg.health, timeout=max(0.1, deadline - time.monotonic())
-                )
-            except ClientError as exc:
-                self.report(event="failed", error=f"health check {self.cfg.health}: {exc}")
-                self.stop_workers(signal.SIGKILL)
-                raise SystemExit(1) from None
-            if not 200 <= response.status < 300:
-                self.report(
-                    event="failed",
-                    error=f"health check {self.cfg.health} answered "
-                    f"{response.status} {response.reason}",
-                )
-                self.stop_workers(signal.SIGKILL)
-                raise SystemExit(1)
         self.report(event="ready", pids=[s.pid for s in self.slots], workers=self.status())
 
     def stop_workers(self, sig: int) -> None:

@@ -135,7 +135,9 @@ class Generation:
     def _become_worker(self, slot: _Slot, private: socket.socket | None, max_requests: int) -> None:
         code = 0
         try:
-            _set_parent_death_signal(signal.SIGTERM)
+            # A generation that dies (killed from outside) leaves its workers to drain with
+            # hand-off, as in a rollout: the master boots the next one at once.
+            _set_parent_death_signal(signal.SIGHUP)
             self.channel.close()
             self.wakeup.close()
             options = self.options

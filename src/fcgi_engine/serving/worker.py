@@ -336,8 +336,7 @@ class Worker:
                         self._serve(conn)
             if now >= next_sweep:
                 next_sweep = now + SWEEP_SECONDS
-                if not self._sweep(now):
-                    return
+                self._sweep(now)
             for fd, _mask in events:
                 if fd == listen_fd:
                     if self._listening:
@@ -362,9 +361,8 @@ class Worker:
                 self._draining = True
                 self._handoff_on_drain = self.handoff_send is not None
 
-    def _sweep(self, now: float) -> bool:
-        """Housekeeping a few times a second: heartbeat, deadlines, logs, the parent's life.
-        False when the worker must exit."""
+    def _sweep(self, now: float) -> None:
+        """Housekeeping a few times a second: heartbeat, deadlines, logs, the parent's life."""
         if self.scoreboard is not None:
             self.scoreboard.heartbeat(self.slot, now)
         if self._reopen_logs:
@@ -373,10 +371,13 @@ class Worker:
                 self._open_access_log()
             except OSError as exc:
                 log.error("cannot reopen the access log: %s", exc)
-        # The parent-death signal normally tells us; this is the fallback.
-        if os.getppid() != self._parent:
-            log.warning("worker %d: generation is gone, exiting", os.getpid())
-            return False
+        # The parent-death signal (HUP) normally tells us; this is the fallback. Either way the
+        # worker drains with hand-off: its idle keep-alive connections wait in the hand-off
+        # socket for the generation the master boots next, instead of being closed on nginx.
+        if os.getppid() != self._parent and not self._draining:
+            log.warning("worker %d: its generation is gone; draining", os.getpid())
+            self._draining = True
+            self._handoff_on_drain = self.handoff_send is not None
         min_rate = self.options.body_min_rate
         for conn in list(self.conns.values()):
             deadline = conn.deadline
@@ -388,7 +389,6 @@ class Worker:
                     continue
             if conn.fd in self.conns:
                 self._expire(conn)
-        return True
 
     def _update_listening(self) -> None:
         """Watch the shared socket (and the hand-off socket) only while this worker may take new
