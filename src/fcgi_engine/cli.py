@@ -55,8 +55,39 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--socket-mode", default="0660", help="mode of a unix socket (default 0660)")
     p.add_argument("--error-log", help="log file (default: stderr)")
     p.add_argument("--access-log", help="access log file (one line per request)")
+    p.add_argument(
+        "--allowed-addrs",
+        metavar="LIST",
+        help="TCP peers allowed: comma-separated IPs and CIDR ranges, or any "
+        "(default: $FCGI_WEB_SERVER_ADDRS, else loopback only)",
+    )
     p.add_argument("--user", help="run the app as this user (when started as root)")
-    p.add_argument("--group", help="run the app as this group (when started as root)")
+    p.add_argument("--group", help="run the app as this group (needs --user)")
+    from fcgi_engine.config.settings import SETTING_BY_KEY
+
+    # These flags come straight from the settings table: type, default and help declared once.
+    for key in SERVE_TUNABLES:
+        setting = SETTING_BY_KEY[key]
+        kind = float if isinstance(setting.kind, tuple) else setting.kind
+        p.add_argument(
+            "--" + key.replace("_", "-"),
+            type=kind,
+            default=setting.default,
+            help=f"{setting.help} (default {setting.default:g})",
+        )
+
+
+SERVE_TUNABLES = (
+    "max_params_size",
+    "params_timeout",
+    "body_timeout",
+    "body_min_rate",
+    "idle_timeout",
+    "send_timeout",
+    "heartbeat_timeout",
+    "worker_connections",
+    "body_buffer_size",
+)
 
 
 def _request_parser(sub: argparse._SubParsersAction) -> None:
@@ -117,7 +148,7 @@ MANAGER_VERBS = {
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from fcgi_engine.config.settings import ServerConfig, parse_mode
+    from fcgi_engine.config.settings import ServerConfig, parse_allowed_addrs, parse_mode
     from fcgi_engine.master.run import serve
 
     if args.daemon and not args.listen:
@@ -126,11 +157,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         print("fcgi-engine serve: --nproc must be at least 1", file=sys.stderr)
         return EXIT_USAGE
+    from fcgi_engine.config.settings import SETTING_BY_KEY
+
+    for key in SERVE_TUNABLES:
+        minimum = SETTING_BY_KEY[key].minimum
+        if minimum is not None and getattr(args, key) < minimum:
+            flag = "--" + key.replace("_", "-")
+            print(f"fcgi-engine serve: {flag} must be at least {minimum:g}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         mode = parse_mode(args.socket_mode)
     except ValueError as exc:
         print(f"fcgi-engine serve: --socket-mode: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.group and not args.user:
+        print(
+            "fcgi-engine serve: --group needs --user (give --user root to keep root): "
+            "without it the app would run as uid 0",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    allowed: list[str] = []
+    if args.allowed_addrs is not None:
+        try:
+            allowed = parse_allowed_addrs(args.allowed_addrs)
+        except ValueError as exc:
+            print(f"fcgi-engine serve: --allowed-addrs: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     pidfile = os.path.abspath(args.pidfile) if args.pidfile else None
     cfg = ServerConfig(
         name=args.name or args.app,
@@ -148,11 +201,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         max_body_size=args.max_body_size,
         script_name=args.script_name,
+        allowed_addrs=allowed,
         socket_mode=mode,
         error_log=os.path.abspath(args.error_log) if args.error_log else None,
         access_log=os.path.abspath(args.access_log) if args.access_log else None,
         user=args.user,
         group=args.group,
+        **{key: getattr(args, key) for key in SERVE_TUNABLES},
     )
     return serve(cfg, inherit_fd0=not args.listen, daemon=args.daemon)
 

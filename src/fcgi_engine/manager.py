@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fcgi_engine import control
-from fcgi_engine.config.settings import ServerConfig
+from fcgi_engine.config.address import AddressError, UnixAddress, parse_address
+from fcgi_engine.config.generation import resolve_allowed_addrs
+from fcgi_engine.config.settings import IdentityError, RunAs, ServerConfig, run_as
 from fcgi_engine.system import pidfile as pidfiles
 
 
@@ -62,29 +64,110 @@ class Probe:
     pid: int | None = None
     status: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    owner: int | None = None  # the uid owning the pidfile we read
+
+
+# ---------------------------------------------------------------- how long we wait
+#
+# Every wait derives from the server's own limits, so a verb neither gives up while the server
+# may still do what it was told it may take, nor waits long after the server must have ended.
+
+# On top of each limit, for what the master does between its own deadlines: its loop wakes
+# every 0.25 s and acts on a deadline at the next wake-up; at start it probes the socket and
+# control paths for a live listener (up to 1 s each). A few seconds on a busy machine.
+_MASTER_SLACK = 5.0
+# master.policy kills a generation that is still draining 5 s after graceful_timeout.
+_DRAIN_BACKSTOP = 5.0
+# A fast stop: the generation SIGKILLs its workers 2 s after telling them to quit.
+_FAST_STOP = 2.0
+
+
+def check_timeout(server: ServerConfig) -> float:
+    """Importing the app is part of a generation's boot, which boot_timeout bounds."""
+    return server.boot_timeout
+
+
+def answer_timeout(server: ServerConfig) -> float:
+    """How long a live master may take to answer on its control socket. Its longest silence is
+    a re-exec in place (USR2): an interpreter start, which every generation's boot also makes
+    within boot_timeout."""
+    return server.boot_timeout + _MASTER_SLACK
+
+
+def start_timeout(server: ServerConfig) -> float:
+    """`start` waits for the master's own start (an interpreter start, within boot_timeout like
+    a generation's) and then for its first generation, which the master gives up on after
+    boot_timeout and reports."""
+    return 2 * server.boot_timeout + _MASTER_SLACK
+
+
+def stop_timeout(server: ServerConfig, fast: bool) -> float:
+    """A graceful stop lets workers finish for graceful_timeout, then the generation kills them
+    (and the master kills the generation after its backstop)."""
+    drain = _FAST_STOP if fast else server.graceful_timeout + _DRAIN_BACKSTOP
+    return drain + _MASTER_SLACK
+
+
+def rollout_timeout(server: ServerConfig) -> float:
+    """The master answers a rollout once the new generation is ready (within boot_timeout) and
+    the old one is gone (graceful_timeout, then the master's backstop)."""
+    return server.boot_timeout + server.graceful_timeout + _DRAIN_BACKSTOP + _MASTER_SLACK
 
 
 def probe(server: ServerConfig) -> Probe:
-    """What runs for this server, trusting the pidfile only for our own live master."""
+    """What runs for this server, trusting the pidfile only for our own live master.
+
+    A pidfile another user could have planted, deleted or replaced proves nothing either way:
+    that is UNKNOWN (with the reason), never "running" nor "not running".
+    """
     assert server.pidfile is not None
-    if os.path.islink(server.pidfile):
+    pidfile = server.pidfile
+    if os.path.islink(pidfile):
         return Probe(
             State.UNKNOWN,
             None,
-            error=f"pidfile {server.pidfile} is a symlink; refusing to read or replace it",
+            error=f"pidfile {pidfile} is a symlink; refusing to read or replace it",
         )
-    pid = pidfiles.read_pidfile(server.pidfile)
+    problem = pidfiles.pidfile_directory_problem(pidfile)
+    if problem:
+        return Probe(
+            State.UNKNOWN,
+            error=f"cannot trust the pidfile {pidfile}: {problem}; use a directory that only "
+            "root or this user can write to",
+        )
+    pid, owner = pidfiles.read_pidfile_owner(pidfile)
+    if owner is not None and not pidfiles.trusted_owner(owner):
+        return Probe(
+            State.UNKNOWN,
+            error=f"pidfile {pidfile} belongs to {pidfiles.describe_uid(owner)}, not to us or "
+            "root: not trusted; remove it if no server of ours runs",
+        )
     if pid is None:
-        if os.path.lexists(server.pidfile):
-            return Probe(State.STALE, None, error="unreadable pidfile")
+        if os.path.lexists(pidfile):
+            return Probe(State.STALE, None, error="unreadable pidfile", owner=owner)
         return Probe(State.STOPPED)
-    if not pidfiles.pid_alive(pid) or not pidfiles.is_our_master(pid, server.pidfile):
-        return Probe(State.STALE, pid)
+    if not pidfiles.pid_alive(pid) or not pidfiles.is_our_master(pid, pidfile, owner):
+        return Probe(State.STALE, pid, owner=owner)
+    path = server.control_path or ""
     try:
-        reply = control.call(server.control_path or "", {"cmd": "status"}, timeout=5)
+        control_owner: int | None = os.lstat(path).st_uid
+    except OSError:
+        control_owner = None  # control.call says what is wrong
+    if control_owner is not None and control_owner != owner:
+        return Probe(
+            State.UNKNOWN,
+            pid,
+            error=f"the control socket {path} belongs to {pidfiles.describe_uid(control_owner)}, "
+            f"not to the master's user: not trusted",
+            owner=owner,
+        )
+    try:
+        reply = control.call(path, {"cmd": "status"}, timeout=answer_timeout(server))
     except control.ControlError as exc:
-        return Probe(State.UNKNOWN, pid, error=f"pid {pid} runs but does not answer: {exc}")
-    return Probe(State.RUNNING, pid, reply.get("status", {}))
+        return Probe(
+            State.UNKNOWN, pid, error=f"pid {pid} runs but does not answer: {exc}", owner=owner
+        )
+    return Probe(State.RUNNING, pid, reply.get("status", {}), owner=owner)
 
 
 def remove_stale_pidfile(server: ServerConfig, pid: int | None) -> None:
@@ -101,8 +184,13 @@ def remove_stale_pidfile(server: ServerConfig, pid: int | None) -> None:
 # ---------------------------------------------------------------- check
 
 
-def check(server: ServerConfig, timeout: float = 60.0) -> Outcome:
-    """Import the app in a throw-away process with the server's environment, or find the command."""
+def check(server: ServerConfig, timeout: float | None = None) -> Outcome:
+    """Import the app in a throw-away process with the server's environment, user and group,
+    within boot_timeout (or `timeout`); for a `command:` server, find the command.
+
+    Whoever can write the release directory decides what the import runs: as root it would run
+    as root, so it runs as the server's user, as the app itself will.
+    """
     if server.command:
         program = server.command[0]
         from shutil import which
@@ -115,6 +203,12 @@ def check(server: ServerConfig, timeout: float = 60.0) -> Outcome:
         if not found:
             return Outcome(server.name, Code.NOT_INSTALLED, f"command not found: {program}")
         return Outcome(server.name, Code.OK, f"ok, command {found}")
+    limit = check_timeout(server) if timeout is None else timeout
+    try:
+        identity = run_as(server.user, server.group)
+        resolve_allowed_addrs(server)
+    except (IdentityError, AddressError) as exc:
+        return Outcome(server.name, Code.FAILURE, f"app check failed: {exc}")
     chdir = os.path.realpath(server.chdir) if server.chdir else None
     if chdir and not os.path.isdir(chdir):
         return Outcome(server.name, Code.NOT_INSTALLED, f"chdir {server.chdir} does not exist")
@@ -123,26 +217,89 @@ def check(server: ServerConfig, timeout: float = 60.0) -> Outcome:
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), package_root) if p)
     python = _python(server)
+    argv = [python, "-m", "fcgi_engine.serving", "--check", server.app_spec or ""]
+    for log_path in (server.access_log, server.error_log):
+        if log_path:
+            # Opened for append (created) by the check as the server's user, as the server will.
+            argv += ["--log", log_path]
+    as_user = f" as user {identity.user}" if identity else ""
     try:
-        proc = subprocess.run(
-            [python, "-m", "fcgi_engine.serving", "--check", server.app_spec or ""],
-            cwd=chdir,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
+        code, text = _run_check(argv, cwd=chdir, env=env, identity=identity, limit=limit)
     except FileNotFoundError:
         return Outcome(server.name, Code.NOT_INSTALLED, f"python not found: {python}")
-    except subprocess.TimeoutExpired:
-        return Outcome(server.name, Code.FAILURE, f"importing the app took over {timeout:g} s")
-    if proc.returncode == 0:
-        return Outcome(server.name, Code.OK, f"ok, {server.app_spec} imports")
-    text = (proc.stdout + proc.stderr).strip()
-    first = text.splitlines()[0] if text else f"exit status {proc.returncode}"
-    code = Code.NOT_INSTALLED if proc.returncode == 5 else Code.FAILURE
-    return Outcome(server.name, code, f"app check failed: {first}", detail=text)
+    except PermissionError as exc:
+        hint = (
+            f"; set python: to an interpreter (or virtualenv) user {identity.user} may read and run"
+            if identity
+            else ""
+        )
+        return Outcome(
+            server.name,
+            Code.FAILURE,
+            f"app check failed: cannot run {python}{as_user}: {exc.strerror}{hint}",
+        )
+    except OSError as exc:
+        return Outcome(
+            server.name,
+            Code.FAILURE,
+            f"app check failed: cannot start {python}{as_user}: {exc.strerror or exc}",
+        )
+    if code is None:
+        return Outcome(
+            server.name,
+            Code.FAILURE,
+            f"app check failed: importing the app took over {limit:g} s (boot_timeout)",
+            detail=text.strip(),
+        )
+    if code == 0:
+        return Outcome(server.name, Code.OK, f"ok, {server.app_spec} imports{as_user}")
+    text = text.strip()
+    first = text.splitlines()[0] if text else f"exit status {code}"
+    outcome_code = Code.NOT_INSTALLED if code == 5 else Code.FAILURE
+    return Outcome(server.name, outcome_code, f"app check failed: {first}", detail=text)
+
+
+def _run_check(
+    argv: list[str], *, cwd: str | None, env: dict[str, str], identity: RunAs | None, limit: float
+) -> tuple[int | None, str]:
+    """Run the check; its exit status (None when it outlived `limit`) and its output."""
+    switch: dict[str, Any] = {}
+    if identity is not None:
+        # What the generation does before it imports the app: initgroups, setgid, setuid, HOME.
+        env = dict(env, HOME=identity.home)
+        switch = {
+            "user": identity.uid,
+            "group": identity.gid,
+            "extra_groups": list(identity.groups),
+        }
+    with subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        encoding="utf-8",
+        errors="replace",  # an app may print anything while it imports
+        # Its own session, so a hung import and anything it forked are killed together.
+        start_new_session=True,
+        **switch,
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                # What it printed before it hung; a helper that left the session and still
+                # holds the pipes is not waited for.
+                out, err = proc.communicate(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                out, err = "", ""
+            return None, (out or "") + (err or "")
+    return proc.returncode, (out or "") + (err or "")
 
 
 def _python(server: ServerConfig) -> str:
@@ -186,7 +343,6 @@ def start(
     """Start every server that is not running, in parallel; wait until each is ready or failed."""
     # Checks (a throw-away import each) and boots run side by side: as slow as the slowest.
     launches = _in_parallel(lambda server: _begin_start(config_path, server), servers)
-    deadline_extra = 15.0
     started_at = time.monotonic()
     last_progress = started_at
     while any(launch.outcome is None for launch in launches):
@@ -195,10 +351,13 @@ def start(
                 continue
             if launch.proc.poll() is not None:
                 launch.outcome = _finish_start(launch)
-            elif time.monotonic() - started_at > launch.server.boot_timeout + deadline_extra:
+            elif time.monotonic() - started_at > start_timeout(launch.server):
                 launch.proc.kill()
                 launch.outcome = Outcome(
-                    launch.server.name, Code.FAILURE, "failed to start: no answer from the master"
+                    launch.server.name,
+                    Code.FAILURE,
+                    f"failed to start: no answer from the master within "
+                    f"{start_timeout(launch.server):g} s",
                 )
         now = time.monotonic()
         if progress and now - last_progress >= 1.0:
@@ -238,12 +397,14 @@ def _begin_start(config_path: str, server: ServerConfig) -> _Launch:
     if state.state is State.STALE:
         remove_stale_pidfile(server, state.pid)
         note = f"stale pidfile removed (pid {state.pid}); "
+    try:
+        _check_directories(server)
+    except pidfiles.UnsafeDirectory as exc:
+        return _Launch(server, None, Outcome(server.name, Code.FAILURE, f"{note}{exc}"))
     checked = check(server)
     if not checked.ok:
         checked.message = note + checked.message
         return _Launch(server, None, checked)
-    assert server.pidfile is not None
-    os.makedirs(os.path.dirname(server.pidfile), exist_ok=True)
     proc = subprocess.Popen(
         master_command(config_path, server) + ["--daemon"],
         stdin=subprocess.DEVNULL,
@@ -252,6 +413,20 @@ def _begin_start(config_path: str, server: ServerConfig) -> _Launch:
         text=True,
     )
     return _Launch(server, proc, note=note)
+
+
+def _check_directories(server: ServerConfig) -> None:
+    """Refuse (UnsafeDirectory) a pidfile or socket directory where another user could plant,
+    delete or replace our files; creates the pidfile's directory when it is missing. The master
+    checks again; this only says so before a slow import."""
+    assert server.pidfile is not None
+    pidfiles.ensure_pidfile_directory(server.pidfile)
+    try:
+        address = parse_address(server.socket)
+    except AddressError:
+        return  # the master reports it
+    if isinstance(address, UnixAddress):
+        pidfiles.check_directory(os.path.dirname(os.path.abspath(address.path)), "socket")
 
 
 def _finish_start(launch: _Launch) -> Outcome:
@@ -280,7 +455,7 @@ def _finish_start(launch: _Launch) -> Outcome:
 
 
 def stop(servers: Sequence[ServerConfig], fast: bool = False) -> list[Outcome]:
-    pending: list[tuple[ServerConfig, int, float]] = []
+    pending: list[tuple[ServerConfig, int, int | None, float]] = []
     outcomes: dict[str, Outcome] = {}
     for server in servers:
         state = probe(server)
@@ -291,22 +466,31 @@ def stop(servers: Sequence[ServerConfig], fast: bool = False) -> list[Outcome]:
             outcomes[server.name] = Outcome(
                 server.name, Code.OK, f"not running (stale pidfile removed, pid {state.pid})"
             )
+        elif state.pid is None:
+            # Nothing we trust names a process: signalling anything would be a guess.
+            outcomes[server.name] = Outcome(
+                server.name, Code.FAILURE, f"cannot tell whether it runs: {state.error}"
+            )
         else:
-            assert state.pid is not None
+            # RUNNING, or our own master that does not answer: it is ours to signal.
             os.kill(state.pid, signal.SIGQUIT if fast else signal.SIGTERM)
-            pending.append((server, state.pid, time.monotonic()))
-    for server, pid, since in pending:
-        deadline = since + server.graceful_timeout + 10.0
-        while (
-            time.monotonic() < deadline
-            and pidfiles.pid_alive(pid)
-            and pidfiles.is_our_master(pid, server.pidfile or "")
-        ):
+            pending.append((server, state.pid, state.owner, time.monotonic()))
+    for server, pid, owner, since in pending:
+        deadline = since + stop_timeout(server, fast)
+
+        def ours(pid: int = pid, server: ServerConfig = server, owner: int | None = owner) -> bool:
+            return pidfiles.pid_alive(pid) and pidfiles.is_our_master(
+                pid, server.pidfile or "", owner
+            )
+
+        while time.monotonic() < deadline and ours():
             time.sleep(0.02)
-        if pidfiles.pid_alive(pid) and pidfiles.is_our_master(pid, server.pidfile or ""):
+        if ours():
             os.kill(pid, signal.SIGKILL)
             outcomes[server.name] = Outcome(
-                server.name, Code.FAILURE, f"did not stop in time; killed pid {pid}"
+                server.name,
+                Code.FAILURE,
+                f"did not stop within {stop_timeout(server, fast):g} s; killed pid {pid}",
             )
         else:
             took = time.monotonic() - since
@@ -393,9 +577,7 @@ def _rollout(server: ServerConfig) -> Outcome:
     started = time.monotonic()
     try:
         reply = control.call(
-            server.control_path or "",
-            {"cmd": "graceful"},
-            timeout=server.boot_timeout + server.graceful_timeout + 30,
+            server.control_path or "", {"cmd": "graceful"}, timeout=rollout_timeout(server)
         )
     except control.ControlError as exc:
         return Outcome(server.name, Code.FAILURE, f"graceful failed: {exc}")

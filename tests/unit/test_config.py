@@ -169,3 +169,121 @@ def test_pidfile_identity_needs_our_command_line(tmp_path: Path) -> None:
     finally:
         fake.kill()
         fake.wait()
+
+
+# ---------------------------------------------------------------- allowed_addrs
+
+
+def server_with(tmp_path: Path, extra: str, defaults: str = "") -> str:
+    head = f"defaults: {{{defaults}}}\nservers:\n" if defaults else "servers:\n"
+    return write(tmp_path, head + "  - name: a\n    socket: 127.0.0.1:9000\n    app: x\n" + extra)
+
+
+@pytest.mark.parametrize(
+    "written, expected",
+    [
+        ("[10.0.0.5, 10.1.0.0/16]", ["10.0.0.5", "10.1.0.0/16"]),
+        ('"10.0.0.5, ::1 ,fd00::/8"', ["10.0.0.5", "::1", "fd00::/8"]),
+        ("any", ["any"]),
+        ("ANY", ["any"]),
+        ("[any]", ["any"]),
+        ("['2001:db8::/32']", ["2001:db8::/32"]),
+    ],
+)
+def test_allowed_addrs_list_string_or_any(
+    tmp_path: Path, written: str, expected: list[str]
+) -> None:
+    [server] = load_config(server_with(tmp_path, f"    allowed_addrs: {written}\n"))
+    assert server.allowed_addrs == expected
+
+
+@pytest.mark.parametrize(
+    "written, fragment",
+    [
+        ("[10.0.0.5, nginx.local]", "'nginx.local' is not an IP address"),
+        ('"10.0.0.0/33"', "'10.0.0.0/33' is not an IP address"),
+        ("[any, 10.0.0.5]", "either any or a list"),
+        ("[]", "is empty"),
+        ('""', "is empty"),
+        ("[10]", "must be a list of IP addresses"),
+        ("{a: 1}", "must be list or str, got mapping"),
+    ],
+)
+def test_allowed_addrs_errors_name_file_server_key_line(
+    tmp_path: Path, written: str, fragment: str
+) -> None:
+    path = server_with(tmp_path, f"    allowed_addrs: {written}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:5:"), message
+    assert "server 'a'" in message and "key 'allowed_addrs'" in message
+    assert fragment in message
+
+
+def test_allowed_addrs_from_defaults_are_validated(tmp_path: Path) -> None:
+    path = server_with(tmp_path, "", defaults="allowed_addrs: [bogus]")
+    with pytest.raises(ConfigError, match="server 'a' key 'allowed_addrs'.*'bogus'"):
+        load_config(path)
+
+
+def test_effective_allowed_addrs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fcgi_engine.config.address import LOOPBACK
+    from fcgi_engine.config.generation import for_server, resolve_allowed_addrs
+    from fcgi_engine.config.settings import ServerConfig
+
+    monkeypatch.delenv("FCGI_WEB_SERVER_ADDRS", raising=False)
+    bare = ServerConfig(name="a", socket="127.0.0.1:9000", app="x")
+    resolved = resolve_allowed_addrs(bare)
+    assert (resolved.entries, resolved.source, resolved.any) == (list(LOOPBACK), "default", False)
+
+    def gen_addrs(cfg: ServerConfig) -> list[str]:
+        return for_server(
+            cfg, 1, 1, listen_fd=3, channel_fd=4, handoff_send_fd=5, handoff_recv_fd=6
+        ).allowed_addrs
+
+    # The worker gets the loopback range, never an empty list that could mean "no check".
+    assert gen_addrs(bare) == ["127.0.0.0/8", "::1"]
+    monkeypatch.setenv("FCGI_WEB_SERVER_ADDRS", "10.0.0.5, 10.0.1.0/24,")
+    assert gen_addrs(bare) == ["10.0.0.5", "10.0.1.0/24"]
+    assert resolve_allowed_addrs(bare).source == "FCGI_WEB_SERVER_ADDRS"
+    explicit = ServerConfig(name="a", socket="127.0.0.1:9000", app="x", allowed_addrs=["any"])
+    assert gen_addrs(explicit) == ["any"] and resolve_allowed_addrs(explicit).any
+    monkeypatch.setenv("FCGI_WEB_SERVER_ADDRS", "10.0.0.5,web1")
+    with pytest.raises(AddressError, match=r"\$FCGI_WEB_SERVER_ADDRS: 'web1' is not an IP"):
+        resolve_allowed_addrs(bare)
+    assert gen_addrs(explicit) == ["any"]  # the config's own list wins over the environment
+
+
+def test_parse_allowed_addrs_for_the_command_line() -> None:
+    from fcgi_engine.config.settings import parse_allowed_addrs
+
+    assert parse_allowed_addrs("10.0.0.5,192.168.0.0/16") == ["10.0.0.5", "192.168.0.0/16"]
+    assert parse_allowed_addrs(" any ") == ["any"]
+    for bad in ("", ",", "any,10.0.0.1", "10.0.0.300"):
+        with pytest.raises(AddressError):
+            parse_allowed_addrs(bad)
+
+
+# ---------------------------------------------------------------- user and group
+
+
+def test_group_without_user_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "- name: a\n  socket: /s\n  app: x\n  group: www-data\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:4:") and "server 'a' key 'group'" in message
+    assert "group: needs user: (write user: root to keep root)" in message
+    [server] = load_config(
+        write(tmp_path, "- name: a\n  socket: /s\n  app: x\n  group: www-data\n  user: root\n")
+    )
+    assert (server.user, server.group) == ("root", "www-data")
+
+
+def test_group_without_user_from_defaults_is_refused(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "defaults: {group: www-data}\nservers:\n  - {name: a, socket: /s, app: x}\n"
+    )
+    with pytest.raises(ConfigError, match="server 'a' key 'group': group: needs user:"):
+        load_config(path)

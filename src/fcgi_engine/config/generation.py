@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from fcgi_engine.config.address import ANY, LOOPBACK, AddressError, AllowList
 from fcgi_engine.config.settings import ServerConfig, web_server_addrs_from_env
 
 ENV_KEY = "FCGI_ENGINE_GENERATION"
@@ -33,7 +34,8 @@ class GenerationConfig:
     max_body_size: int = 0
     max_params_bytes: int = 1 << 20
     script_name: str | None = None
-    allowed_addrs: list[str] = field(default_factory=list)
+    # Never empty: the TCP peers a worker accepts (["any"]: every peer), see resolve_allowed_addrs.
+    allowed_addrs: list[str] = field(default_factory=lambda: list(LOOPBACK))
     params_timeout: float = 10.0
     body_timeout: float = 60.0
     body_min_rate: int = 65536
@@ -55,6 +57,40 @@ class GenerationConfig:
     @classmethod
     def from_json(cls, text: str) -> GenerationConfig:
         return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class AllowedAddrs:
+    """What a TCP listener of this server accepts, and which setting said so (for the log)."""
+
+    entries: list[str]
+    source: str  # "allowed_addrs", "FCGI_WEB_SERVER_ADDRS" or "default"
+
+    @property
+    def any(self) -> bool:
+        return ANY in self.entries
+
+
+def resolve_allowed_addrs(cfg: ServerConfig) -> AllowedAddrs:
+    """The server's `allowed_addrs`, else $FCGI_WEB_SERVER_ADDRS, else loopback only.
+
+    A TCP listener that nobody restricted accepts this host only: any local user could otherwise
+    connect and set REMOTE_USER, REMOTE_ADDR or HTTPS for the app. Raises AddressError for an
+    entry of $FCGI_WEB_SERVER_ADDRS that is not an address (the config's own entries were
+    checked when it was loaded).
+    """
+    if cfg.allowed_addrs:
+        return AllowedAddrs(list(cfg.allowed_addrs), "allowed_addrs")
+    from_env = web_server_addrs_from_env()
+    if from_env:
+        try:
+            AllowList(from_env)
+        except AddressError as exc:
+            raise AddressError(f"$FCGI_WEB_SERVER_ADDRS: {exc}") from None
+        return AllowedAddrs(
+            [ANY if e.lower() == ANY else e for e in from_env], "FCGI_WEB_SERVER_ADDRS"
+        )
+    return AllowedAddrs(list(LOOPBACK), "default")
 
 
 def for_server(
@@ -88,7 +124,7 @@ def for_server(
         max_body_size=cfg.max_body_size,
         max_params_bytes=cfg.max_params_size,
         script_name=cfg.script_name,
-        allowed_addrs=list(cfg.allowed_addrs) or web_server_addrs_from_env(),
+        allowed_addrs=resolve_allowed_addrs(cfg).entries,
         params_timeout=cfg.params_timeout,
         body_timeout=cfg.body_timeout,
         body_min_rate=cfg.body_min_rate,

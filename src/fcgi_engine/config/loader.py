@@ -14,9 +14,11 @@ import yaml
 
 from fcgi_engine.config.address import AddressError, UnixAddress, parse_address
 from fcgi_engine.config.settings import (
+    GROUP_NEEDS_USER,
     SETTING_BY_KEY,
     ServerConfig,
     default_pidfile,
+    parse_allowed_addrs,
     parse_mode,
 )
 
@@ -158,7 +160,10 @@ def _server(path: str, base: str, index: int, entry: Any, defaults: dict[str, An
         kinds = setting.kind if isinstance(setting.kind, tuple) else (setting.kind,)
         if isinstance(value, bool) or not isinstance(value, kinds):
             wanted = " or ".join(k.__name__ for k in kinds)
-            raise error(key, f"must be {wanted}, got {type(value).__name__} {value!r}")
+            # A mapping is our line-tracking dict subclass: name what the user wrote instead.
+            got = "mapping" if isinstance(value, dict) else type(value).__name__
+            shown = dict(value) if isinstance(value, dict) else value
+            raise error(key, f"must be {wanted}, got {got} {shown!r}")
         if (
             setting.minimum is not None
             and isinstance(value, (int, float))
@@ -181,11 +186,21 @@ def _server(path: str, base: str, index: int, entry: Any, defaults: dict[str, An
             raise error("command", "must be a non-empty list of strings")
         if os.sep in command[0] and not os.path.isabs(command[0]):
             values["command"] = [os.path.join(base, command[0]), *command[1:]]
-    for key in ("additional_args", "allowed_addrs"):
-        if key in values and not all(isinstance(v, (str, int, float)) for v in values[key]):
-            raise error(key, "must be a list of strings")
-        if key in values:
-            values[key] = [str(v) for v in values[key]]
+    if "additional_args" in values:
+        if not all(isinstance(v, (str, int, float)) for v in values["additional_args"]):
+            raise error("additional_args", "must be a list of strings")
+        values["additional_args"] = [str(v) for v in values["additional_args"]]
+    if "allowed_addrs" in values:
+        raw = values["allowed_addrs"]
+        if isinstance(raw, list) and not all(isinstance(v, str) for v in raw):
+            raise error("allowed_addrs", "must be a list of IP addresses or CIDR ranges (strings)")
+        try:
+            values["allowed_addrs"] = parse_allowed_addrs(raw)
+        except ValueError as exc:
+            raise error("allowed_addrs", str(exc)) from None
+    if values.get("group") and not values.get("user"):
+        # Without a user the workers would keep uid 0 while looking unprivileged.
+        raise error("group", GROUP_NEEDS_USER)
     if "environment" in values:
         values["environment"] = {str(k): str(v) for k, v in values["environment"].items()}
     try:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from fcgi_engine.config.address import ANY, AddressError, AllowList
 
 
 @dataclass(frozen=True)
@@ -30,8 +33,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("chdir", str, None, "directory to boot generations in (re-resolved every rollout)"),
     Setting("environment", dict, {}, "extra environment variables for the app"),
     Setting("python", str, None, "interpreter or virtualenv to boot generations with"),
-    Setting("user", str, None, "user to run the app as (when started as root)"),
-    Setting("group", str, None, "group to run the app as (when started as root)"),
+    Setting(
+        "user",
+        str,
+        None,
+        "user the app runs as, its check import included (started as root; otherwise it must "
+        "be the user we run as)",
+    ),
+    Setting("group", str, None, "group the app runs as (default: the user's; needs user)"),
     Setting("socket_mode", (int, str), "0660", "mode of a unix socket (octal)"),
     Setting("health", str, None, "path requested inside a new generation before it serves"),
     Setting("boot_timeout", (int, float), 30.0, "seconds a new generation has to be ready", 0.1),
@@ -46,10 +55,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("script_name", str, None, "the app's mount point (SCRIPT_NAME); default: root"),
     Setting(
         "allowed_addrs",
-        list,
+        (list, str),
         [],
-        "TCP clients allowed: IPs or CIDR ranges, or [any] (default: $FCGI_WEB_SERVER_ADDRS, "
-        "else loopback only)",
+        "TCP peers allowed: a list (or comma-separated string) of IPs and CIDR ranges, or `any` "
+        "(default: $FCGI_WEB_SERVER_ADDRS, else loopback only)",
     ),
     Setting(
         "params_timeout",
@@ -176,16 +185,102 @@ def parse_mode(value: int | str) -> int:
     return int(value.strip().replace("o", ""), 8)
 
 
+def default_runtime_dir() -> str:
+    """Where pidfiles go when the config names none: a directory only we may write to."""
+    if os.geteuid() == 0:
+        return "/run/fcgi-engine"
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(xdg):
+        return os.path.join(xdg, "fcgi-engine")
+    # /tmp is shared by every user: a fixed name there would belong to whoever created it first
+    # (and be refused to everyone else). One directory per uid cannot collide with another
+    # user's; one planted under our name is refused, never trusted.
+    return f"/tmp/fcgi-engine-{os.geteuid()}"
+
+
 def default_pidfile(name: str) -> str:
-    base = (
-        "/run/fcgi-engine"
-        if os.geteuid() == 0
-        else os.path.join(os.environ.get("XDG_RUNTIME_DIR") or "/tmp", "fcgi-engine")
-    )
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-    return os.path.join(base, f"{safe}.pid")
+    return os.path.join(default_runtime_dir(), f"{safe}.pid")
 
 
 def web_server_addrs_from_env() -> list[str]:
     raw = os.environ.get("FCGI_WEB_SERVER_ADDRS", "")
     return [a.strip() for a in raw.split(",") if a.strip()]
+
+
+def parse_allowed_addrs(value: str | Sequence[Any]) -> list[str]:
+    """`allowed_addrs` as written: a list, or a comma-separated string, of IPs and CIDR ranges
+    (IPv4 or IPv6), or `any`. Returns the entries, `any` spelled in lower case.
+
+    Raises AddressError (a ValueError) naming the bad entry.
+    """
+    parts = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    entries = [part.strip() for part in parts if part.strip()]
+    if not entries:
+        raise AddressError(
+            "is empty: list the web server's addresses (IPs or CIDR ranges), or write any"
+        )
+    entries = [ANY if entry.lower() == ANY else entry for entry in entries]
+    if ANY in entries and len(entries) > 1:
+        raise AddressError(
+            "'any' allows every peer: give either any or a list of addresses, not both"
+        )
+    AllowList(entries)  # raises AddressError naming the first entry that is not an address
+    return entries
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """The identity the app runs as: every import of app code switches to it (as root only)."""
+
+    user: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]  # supplementary groups, as initgroups(user, gid) sets them
+    home: str
+
+
+class IdentityError(ValueError):
+    """`user:`/`group:` name nobody, or someone we cannot become; the message says what to do."""
+
+
+GROUP_NEEDS_USER = "group: needs user: (write user: root to keep root)"
+
+
+def run_as(user: str | None, group: str | None) -> RunAs | None:
+    """Whom to run the app as, or None when it runs as we do.
+
+    Not root, we cannot switch: a config naming another user (or group) is an error, never
+    silently run as ourselves instead.
+    """
+    if not user and not group:
+        return None
+    if not user:
+        raise IdentityError(GROUP_NEEDS_USER)
+    import grp
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise IdentityError(f"no such user {user!r} (user:)") from None
+    gid = pw.pw_gid
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise IdentityError(f"no such group {group!r} (group:)") from None
+    euid = os.geteuid()
+    if euid != 0:
+        if pw.pw_uid != euid:
+            raise IdentityError(
+                f"cannot run the app as user {user}: only root can switch users, and this runs "
+                f"as uid {euid}; start it as root, or remove user:"
+            )
+        if group and gid != os.getegid():
+            raise IdentityError(
+                f"cannot run the app as group {group}: only root can switch groups, and this "
+                f"runs as gid {os.getegid()}; start it as root, or remove group:"
+            )
+        return None
+    return RunAs(pw.pw_name, pw.pw_uid, gid, tuple(os.getgrouplist(pw.pw_name, gid)), pw.pw_dir)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
 import socket
 import sys
 
-from fcgi_engine.config.address import UnixAddress, parse_address
-from fcgi_engine.config.settings import ServerConfig
+from fcgi_engine.config.address import AddressError, UnixAddress, parse_address
+from fcgi_engine.config.generation import resolve_allowed_addrs
+from fcgi_engine.config.settings import IdentityError, ServerConfig, run_as
 from fcgi_engine.master.loop import REEXEC_ENV, MasterLoop
 from fcgi_engine.system import pidfile as pidfiles
 from fcgi_engine.system import sockets
@@ -36,18 +38,29 @@ def setup_logging(cfg: ServerConfig) -> None:
 
 
 def _owner(cfg: ServerConfig) -> tuple[int, int] | None:
-    if not (cfg.user or cfg.group) or os.geteuid() != 0:
-        return None
-    import grp
-    import pwd
+    """Who owns a unix socket we create: the app's user and group (as root), else us."""
+    identity = run_as(cfg.user, cfg.group)
+    return (identity.uid, identity.gid) if identity is not None else None
 
-    uid = pwd.getpwnam(cfg.user).pw_uid if cfg.user else 0
-    gid = (
-        grp.getgrnam(cfg.group).gr_gid
-        if cfg.group
-        else (pwd.getpwnam(cfg.user).pw_gid if cfg.user else 0)
-    )
-    return uid, gid
+
+def preflight(cfg: ServerConfig) -> None:
+    """Refuse, before binding anything, what would make the server lie or run as the wrong user.
+
+    Raises StartError saying what to do.
+    """
+    try:
+        run_as(cfg.user, cfg.group)
+    except IdentityError as exc:
+        raise StartError(str(exc)) from None
+    try:
+        resolve_allowed_addrs(cfg)
+    except AddressError as exc:
+        raise StartError(f"{exc}; fix or unset it") from None
+    if cfg.pidfile:
+        try:
+            pidfiles.ensure_pidfile_directory(cfg.pidfile)
+        except pidfiles.UnsafeDirectory as exc:
+            raise StartError(str(exc)) from None
 
 
 def open_listener(cfg: ServerConfig, inherit_fd0: bool) -> tuple[socket.socket, str | None]:
@@ -93,6 +106,7 @@ def serve(cfg: ServerConfig, *, inherit_fd0: bool = False, daemon: bool = False)
         ready_fd = _daemonize(cfg)
     setup_logging(cfg)
     try:
+        preflight(cfg)
         listener, unix_path = open_listener(cfg, inherit_fd0)
     except StartError as exc:
         _fail_early(ready_fd, str(exc))
@@ -102,7 +116,6 @@ def serve(cfg: ServerConfig, *, inherit_fd0: bool = False, daemon: bool = False)
     control_path = cfg.control_path
     try:
         if cfg.pidfile:
-            os.makedirs(os.path.dirname(os.path.abspath(cfg.pidfile)), exist_ok=True)
             pidfiles.write_pidfile(cfg.pidfile, os.getpid())
         if control_path:
             control_sock = _bind_control(control_path)
@@ -114,12 +127,67 @@ def serve(cfg: ServerConfig, *, inherit_fd0: bool = False, daemon: bool = False)
         return 1
     where = unix_path or sockets.describe(listener)
     log.info("%s: master %d listening on %s", cfg.name, os.getpid(), where)
+    _log_peer_policy(cfg, listener)
     loop = MasterLoop(cfg, listener, control_sock=control_sock, ready_fd=ready_fd)
     loop.unix_path = unix_path
     try:
         return loop.run()
     finally:
         _cleanup(cfg, unix_path, identity, control_path)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool((mapped or ip).is_loopback)
+
+
+def _log_peer_policy(cfg: ServerConfig, listener: socket.socket) -> None:
+    """Say which TCP peers the server accepts: anyone who can connect can set REMOTE_USER,
+    REMOTE_ADDR or HTTPS for the app, so this must never be a surprise."""
+    if listener.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    host = str(listener.getsockname()[0])
+    where = sockets.describe(listener)
+    if cfg.command:
+        # A foreign program accepts on the socket itself: our allow-list cannot apply.
+        log.info(
+            "%s: TCP peers on %s are filtered by the command itself, if at all (php-cgi reads "
+            "$FCGI_WEB_SERVER_ADDRS), not by fcgi-engine",
+            cfg.name,
+            where,
+        )
+        return
+    allowed = resolve_allowed_addrs(cfg)
+    source = {
+        "allowed_addrs": "allowed_addrs",
+        "FCGI_WEB_SERVER_ADDRS": "$FCGI_WEB_SERVER_ADDRS",
+        "default": "no allowed_addrs: loopback only",
+    }[allowed.source]
+    if allowed.any:
+        log.info("%s: accepting TCP peers from any address (%s: any)", cfg.name, source)
+        if not _is_loopback(host):
+            log.warning(
+                "%s: any host that reaches %s can send requests and set REMOTE_USER, "
+                "REMOTE_ADDR and HTTPS for the app; list the web server's addresses in "
+                "allowed_addrs instead of any",
+                cfg.name,
+                where,
+            )
+        return
+    log.info(
+        "%s: accepting TCP peers only from %s (%s)", cfg.name, ", ".join(allowed.entries), source
+    )
+    if allowed.source == "default" and not _is_loopback(host):
+        log.warning(
+            "%s: listening on %s but accepting loopback peers only: set allowed_addrs to the "
+            "web server's addresses (or any)",
+            cfg.name,
+            where,
+        )
 
 
 def _serve_adopted(cfg: ServerConfig, state: dict[str, object]) -> int:

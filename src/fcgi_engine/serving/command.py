@@ -197,7 +197,7 @@ class CommandGeneration(Generation):
             self.slots.append(slot)
             self.spawn(slot)
         # The same program just proved itself; one that dies at once now still fails the boot.
-        settle = time.monotonic() + min(0.2, self.cfg.boot_timeout / 4)
+        settle = time.monotonic() + min(0.5, self.cfg.boot_timeout / 2)
         while time.monotonic() < settle:
             for slot in self.slots:
                 pid, status = os.waitpid(slot.pid, os.WNOHANG)

@@ -8,6 +8,7 @@ import socket
 import stat
 
 from fcgi_engine.config.address import Address, TcpAddress, UnixAddress
+from fcgi_engine.system.pidfile import check_directory, describe_uid
 
 BACKLOG = 1024
 
@@ -64,8 +65,15 @@ def bind_unix(path: str, mode: int = 0o660, owner: tuple[int, int] | None = None
 
     The socket never exists at `path` with the wrong mode. A live listener at `path` is refused;
     a stale socket file is replaced; anything else at `path` is left alone and refused.
+
+    The directory must not let other users replace what we create (UnsafeDirectory, an OSError);
+    in a sticky world-writable one like /tmp, another user's file at `path` is refused, and the
+    file at `path` after the rename must be the one we bound.
     """
     path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    check_directory(directory, "socket")
+    expected_uid = owner[0] if owner is not None else os.geteuid()
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -75,7 +83,12 @@ def bind_unix(path: str, mode: int = 0o660, owner: tuple[int, int] | None = None
             raise SocketInUse(errno.EEXIST, f"{path} exists and is not a socket")
         if unix_socket_is_live(path):
             raise SocketInUse(errno.EADDRINUSE, f"a live server already listens on {path}")
-    directory = os.path.dirname(path)
+        if st.st_uid not in (os.geteuid(), 0, expected_uid):
+            raise SocketInUse(
+                errno.EEXIST,
+                f"{path} is a socket file of {describe_uid(st.st_uid)}; not replacing another "
+                "user's file: remove it, or listen elsewhere",
+            )
     temp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
@@ -85,11 +98,16 @@ def bind_unix(path: str, mode: int = 0o660, owner: tuple[int, int] | None = None
         except FileNotFoundError:
             pass
         sock.bind(temp)
+        bound = os.lstat(temp)
         if owner is not None:
             os.chown(temp, owner[0], owner[1])
         os.chmod(temp, mode)
         sock.listen(BACKLOG)
         os.rename(temp, path)
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) != (bound.st_dev, bound.st_ino) or st.st_uid != expected_uid:
+            # Someone swapped the file between our rename and now: it is not ours to serve on.
+            raise SocketInUse(errno.EEXIST, f"{path} was replaced by another file as we bound it")
     except BaseException:
         sock.close()
         try:
