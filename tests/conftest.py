@@ -324,3 +324,41 @@ def nginx(tmp: Path) -> Iterator[Callable[..., Nginx]]:
             except subprocess.TimeoutExpired:
                 server.proc.kill()
                 server.proc.wait()
+
+
+class Cli:
+    """`fcgi-engine -c CONFIG ...`, with extra environment variables in `env`."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.tag = f"mgr-{os.getpid()}-{time.monotonic_ns()}"
+        self.env: dict[str, str] = {}
+
+    def __call__(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, FCGI_TEST_TAG=self.tag, **self.env)
+        return subprocess.run(
+            [sys.executable, "-m", "fcgi_engine", "-c", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+
+
+@pytest.fixture
+def cli_for(tmp: Path) -> Iterator[Callable[[str], Cli]]:
+    """`fcgi-engine -c CONFIG` for configs written from text; their servers stopped at teardown."""
+    made: list[Cli] = []
+
+    def make(text: str) -> Cli:
+        path = tmp / f"config{len(made)}.yml"
+        path.write_text(text)
+        cli = Cli(path)
+        made.append(cli)
+        return cli
+
+    yield make
+    for cli in made:
+        cli.env = {}
+        cli("stop", "--fast", timeout=60)
+        kill_tagged(cli.tag)

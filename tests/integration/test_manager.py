@@ -16,44 +16,11 @@ from pathlib import Path
 import pytest
 
 from fcgi_engine.client import request
-from tests.conftest import APPS, kill_tagged, wait_for
+from tests.conftest import APPS, Cli, wait_for
 
 pytestmark = pytest.mark.integration
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-class Cli:
-    def __init__(self, config: Path) -> None:
-        self.config = config
-        self.tag = f"mgr-{os.getpid()}-{time.monotonic_ns()}"
-
-    def __call__(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        env = dict(os.environ, FCGI_TEST_TAG=self.tag)
-        return subprocess.run(
-            [sys.executable, "-m", "fcgi_engine", "-c", str(self.config), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-        )
-
-
-@pytest.fixture
-def cli_for(tmp: Path):
-    made: list[Cli] = []
-
-    def make(text: str) -> Cli:
-        path = tmp / f"config{len(made)}.yml"
-        path.write_text(text)
-        cli = Cli(path)
-        made.append(cli)
-        return cli
-
-    yield make
-    for cli in made:
-        cli("stop", "--fast", timeout=60)
-        kill_tagged(cli.tag)
 
 
 def seed(tmp: Path, extra: str = "") -> str:

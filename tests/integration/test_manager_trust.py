@@ -19,7 +19,7 @@ import pytest
 
 from fcgi_engine.client import ClientError, request
 from fcgi_engine.system.pidfile import process_cmdline
-from tests.conftest import APPS, Server, free_port, kill_tagged, wait_for
+from tests.conftest import APPS, Server, free_port, wait_for
 from tests.integration.test_manager import deploy, seed
 
 pytestmark = pytest.mark.integration
@@ -29,42 +29,6 @@ as_root = pytest.mark.skipif(os.geteuid() != 0, reason="simulating another user 
 NOBODY = pwd.getpwnam("nobody")
 
 HELLO = "def application(e, s):\n    s('200 OK', [])\n    return [b'hello']\n"
-
-
-class Cli:
-    """`fcgi-engine -c CONFIG ...` with extra environment variables."""
-
-    def __init__(self, config: Path) -> None:
-        self.config = config
-        self.tag = f"trust-{os.getpid()}-{time.monotonic_ns()}"
-        self.env: dict[str, str] = {}
-
-    def __call__(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "fcgi_engine", "-c", str(self.config), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=dict(os.environ, FCGI_TEST_TAG=self.tag, **self.env),
-        )
-
-
-@pytest.fixture
-def cli_for(tmp: Path) -> Iterator[Callable[[str], Cli]]:
-    made: list[Cli] = []
-
-    def make(text: str) -> Cli:
-        path = tmp / f"config{len(made)}.yml"
-        path.write_text(text)
-        cli = Cli(path)
-        made.append(cli)
-        return cli
-
-    yield make
-    for cli in made:
-        cli.env = {}
-        cli("stop", "--fast", timeout=60)
-        kill_tagged(cli.tag)
 
 
 def python_for(user: str) -> str:
