@@ -193,7 +193,7 @@ def test_abort_before_params_end_answered_by_the_protocol() -> None:
 
 
 def test_params_limit_refuses_request_cleanly() -> None:
-    conn = Connection(Limits(max_params_bytes=100))
+    conn = Connection(Limits(max_params_size=100))
     conn.receive_data(encode_request(1, {"HTTP_BIG": "x" * 500}, b"body", keep_conn=True))
     evs = events(conn)
     assert len(evs) == 1 and isinstance(evs[0], RequestRefused)
@@ -294,7 +294,7 @@ def test_any_split_parses_the_same(
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=2000))
 def test_random_bytes_raise_only_protocol_errors(data: bytes) -> None:
-    conn = Connection(Limits(max_params_bytes=4096))
+    conn = Connection(Limits(max_params_size=4096))
     conn.receive_data(data)
     conn.receive_data(b"")
     try:

@@ -65,11 +65,11 @@ _ENDED_MEMORY = 32
 class Limits:
     """Bounds on what one connection accepts.
 
-    max_params_bytes bounds one request's encoded params (nginx sends a few KiB); max_conns and
+    max_params_size bounds one request's encoded params (nginx sends a few KiB); max_conns and
     max_reqs are what GET_VALUES reports.
     """
 
-    max_params_bytes: int = 1 << 20
+    max_params_size: int = 1 << 20
     max_conns: int = 1
     max_reqs: int = 1
 
@@ -243,12 +243,12 @@ class Connection:
             if stage is not _Stage.PARAMS:
                 raise ProtocolError(f"PARAMS record after the params stream ended (request {rid})")
             if content:
-                if len(request.params) + len(content) > self.limits.max_params_bytes:
+                if len(request.params) + len(content) > self.limits.max_params_size:
                     request.stage = _Stage.DISCARD
                     request.params = bytearray()
                     return RequestRefused(
                         rid,
-                        f"params exceed {self.limits.max_params_bytes} bytes",
+                        f"params exceed {self.limits.max_params_size} bytes",
                         request.keep_conn,
                     )
                 request.params += content

@@ -69,7 +69,7 @@ class Generation:
         allowed = AllowList(cfg.allowed_addrs or list(LOOPBACK))
         self.options = WorkerOptions(
             limits=Limits(
-                max_params_bytes=cfg.max_params_bytes, max_conns=cfg.nproc, max_reqs=cfg.nproc
+                max_params_size=cfg.max_params_bytes, max_conns=cfg.nproc, max_reqs=cfg.nproc
             ),
             max_body_size=cfg.max_body_size,
             max_requests=cfg.max_requests,
