@@ -13,9 +13,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from fcgi_engine import control
+
+# How tests run the engine: this interpreter, this checkout.
+ENGINE = [sys.executable, "-m", "fcgi_engine"]
 ROOT = Path(__file__).resolve().parent.parent
 APPS = Path(__file__).resolve().parent / "apps"
 
@@ -61,12 +66,6 @@ def worker_pids(master_pid: int) -> list[int]:
     return [w for gen in child_pids(master_pid) for w in child_pids(gen)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def can_connect(address: str) -> bool:
     try:
         if address.startswith("/"):
@@ -80,6 +79,30 @@ def can_connect(address: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def release_site(tmp: Path, code: str, extra: str = "") -> str:
+    """Make tmp/site/current -> r1 holding app.py (`code`), as a deploy tool would; returns the
+    config of a server `app` booted from it (`extra`: more keys, indented)."""
+    site = tmp / "site"
+    (site / "r1").mkdir(parents=True)
+    (site / "r1" / "app.py").write_text(code)
+    (site / "current").symlink_to(site / "r1")
+    return f"""\
+- name: app
+  app: app.py
+  chdir: "{site}/current"
+  socket: "{tmp}/app.sock"
+  pidfile: "{tmp}/app.pid"
+{extra}"""
+
+
+def deploy(site: Path, release: str, code: str) -> None:
+    """Write a release and point `current` at it, as a deploy tool would."""
+    (site / release).mkdir()
+    (site / release / "app.py").write_text(code)
+    (site / "current").unlink()
+    (site / "current").symlink_to(site / release)
 
 
 @dataclass
@@ -114,6 +137,12 @@ class Server:
     def tree(self) -> list[int]:
         return tagged_pids(self.tag)
 
+    def status(self, timeout: float = 2.0) -> dict[str, Any]:
+        """The master's status snapshot, over its control socket."""
+        reply = control.ask(self.pidfile + ".ctl", control.StatusRequest(), timeout=timeout)
+        assert isinstance(reply, control.StatusResponse), reply
+        return reply.status
+
 
 def kill_tagged(tag: str) -> None:
     """Kill every process started under `tag` (generations run in their own sessions)."""
@@ -141,7 +170,7 @@ def tagged_pids(token: str) -> list[int]:
 
 
 @pytest.fixture
-def tmp(tmp_path: Path) -> Path:
+def tmp(tmp_path: Path) -> Iterator[Path]:
     # Unix socket paths must stay short (108 bytes): use a short private directory.
     short = Path(tempfile.mkdtemp(prefix="fe-", dir="/tmp"))
     os.chmod(short, 0o755)
@@ -151,7 +180,8 @@ def tmp(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def serve(tmp: Path) -> Iterator[Callable[..., Server]]:
-    """Start `fcgi-engine serve` and wait until it answers."""
+    """Start `fcgi-engine serve` and wait until it answers. A TCP `listen` on port 0 takes a
+    free port: once the server answers, `address` is the one it bound (from its status)."""
     started: list[Server] = []
 
     def start(
@@ -169,9 +199,7 @@ def serve(tmp: Path) -> Iterator[Callable[..., Server]]:
         log_path = str(tmp / f"app{len(started)}.log")
         cmd = [
             *(wrap or []),
-            sys.executable,
-            "-m",
-            "fcgi_engine",
+            *ENGINE,
             "serve",
             app,
             "--listen",
@@ -192,7 +220,9 @@ def serve(tmp: Path) -> Iterator[Callable[..., Server]]:
         server = Server(proc, address, pidfile, log_path, tag)
         started.append(server)
         if wait:
-            wait_for(lambda: _ready(server), 20, what=f"fcgi-engine on {address}")
+            status = wait_for(lambda: _ready(server), 20, what=f"fcgi-engine on {address}")
+            if address.endswith(":0"):
+                server.address = status["listen"]  # type: ignore[index]
         return server
 
     yield start
@@ -200,15 +230,14 @@ def serve(tmp: Path) -> Iterator[Callable[..., Server]]:
         server.stop()
 
 
-def _ready(server: Server) -> bool:
+def _ready(server: Server) -> dict[str, Any] | None:
+    """The server's status once a generation serves, else None."""
     if server.proc.poll() is not None:
         raise AssertionError(f"fcgi-engine exited with {server.proc.returncode}:\n{server.log()}")
     if not os.path.exists(server.pidfile):
-        return False
-    from fcgi_engine import control
-
-    reply = control.call(server.pidfile + ".ctl", {"cmd": "status"}, timeout=2)
-    return bool(reply.get("status", {}).get("generation"))
+        return None
+    status = server.status()
+    return status if status.get("generation") else None
 
 
 NGINX_CONF = """
@@ -285,7 +314,12 @@ def nginx(tmp: Path) -> Iterator[Callable[..., Nginx]]:
     ) -> Nginx:
         ndir = tmp / f"nginx{len(started)}"
         ndir.mkdir()
-        port = free_port()
+        # Bound here on port 0 and handed over as an inherited socket ($NGINX, as in nginx's
+        # own binary upgrade): the port is nginx's from the start, never free for a moment.
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(511)
+        port = listener.getsockname()[1]
         target = f"unix:{upstream}" if upstream.startswith("/") else upstream
         params = "/etc/nginx/fastcgi_params"
         conf = NGINX_CONF.format(
@@ -299,17 +333,21 @@ def nginx(tmp: Path) -> Iterator[Callable[..., Nginx]]:
             user="user root;" if os.geteuid() == 0 else "",
         )
         (ndir / "nginx.conf").write_text(conf)
-        proc = subprocess.Popen(
-            [binary, "-c", str(ndir / "nginx.conf"), "-p", str(ndir)],
-            stdout=subprocess.DEVNULL,
-            stderr=open(ndir / "stderr", "wb"),
-        )
+        with listener, open(ndir / "stderr", "wb") as stderr:
+            proc = subprocess.Popen(
+                [binary, "-c", str(ndir / "nginx.conf"), "-p", str(ndir)],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                env=dict(os.environ, NGINX=f"{listener.fileno()};"),
+                pass_fds=[listener.fileno()],
+            )
         server = Nginx(proc, port, ndir)
         started.append(server)
+        # The socket listens already; nginx has taken its configuration once it writes its pid.
         wait_for(
-            lambda: can_connect(f"127.0.0.1:{port}") or proc.poll() is not None,
+            lambda: (ndir / "nginx.pid").exists() or proc.poll() is not None,
             10,
-            what="nginx to listen",
+            what="nginx to start",
         )
         if proc.poll() is not None:
             raise AssertionError("nginx failed: " + (ndir / "stderr").read_text())
@@ -337,7 +375,7 @@ class Cli:
     def __call__(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ, FCGI_TEST_TAG=self.tag, **self.env)
         return subprocess.run(
-            [sys.executable, "-m", "fcgi_engine", "-c", str(self.config), *args],
+            [*ENGINE, "-c", str(self.config), *args],
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -6,88 +6,66 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fcgi_engine import __version__
+from fcgi_engine.manager import Code
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_NOT_RUNNING_STATUS = 3
-EXIT_NOT_INSTALLED = 5
-EXIT_NOT_CONFIGURED = 6
-EXIT_NOT_RUNNING = 7
+if TYPE_CHECKING:
+    from fcgi_engine.config.settings import ServerConfig
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    """`serve`'s flags: one per setting of the table (config/settings.py), plus --daemon."""
+    from fcgi_engine.config.settings import SETTINGS
+
     p = sub.add_parser("serve", help="run one app as a FastCGI server (master + N workers)")
-    p.add_argument("app", help="module:callable, module, or path/to/file.py[:callable]")
-    p.add_argument(
-        "--listen",
-        "-l",
-        metavar="ADDR",
-        help="unix socket path or HOST:PORT (default: fd 0 from the web server)",
-    )
-    p.add_argument("--nproc", "-n", type=int, default=2, help="worker processes (default 2)")
-    p.add_argument("--pidfile", "-p", help="write the master's pid here")
+    for s in SETTINGS:
+        if not s.flags:
+            continue
+        kind = next((k for k in (str, float, int) if k in s.kinds), str)  # as typed
+        shown = s.shown_default()
+        text = f"{s.help} (default {shown})" if shown and not s.required else s.help
+        options: dict[str, Any] = {"type": kind, "help": text.replace("%", "%%")}
+        if s.about.metavar:
+            options["metavar"] = s.about.metavar
+        if s.positional:
+            p.add_argument(s.key, **options)
+        else:
+            # No argparse default: a flag not given leaves the setting at ServerConfig's default.
+            p.add_argument(*s.flags, dest=s.key, default=None, **options)
     p.add_argument(
         "--daemon",
         "-d",
         action="store_true",
         help="run in the background; return once the workers are ready",
     )
-    p.add_argument("--name", help="server name for logs (default: the app)")
-    p.add_argument("--chdir", help="directory to boot the app in (re-resolved every rollout)")
-    p.add_argument("--python", help="interpreter or virtualenv to boot generations with")
-    p.add_argument("--health", metavar="PATH", help="path that must answer 2xx before serving")
-    p.add_argument("--boot-timeout", type=float, default=30.0)
-    p.add_argument("--graceful-timeout", type=float, default=30.0)
-    p.add_argument("--max-requests", type=int, default=0)
-    p.add_argument("--max-requests-jitter", type=int, default=0)
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=0.0,
-        help="kill a worker stuck this many seconds on one request (0: off)",
-    )
-    p.add_argument("--max-body-size", type=int, default=0)
-    p.add_argument("--script-name", help="the app's mount point (SCRIPT_NAME)")
-    p.add_argument("--socket-mode", default="0660", help="mode of a unix socket (default 0660)")
-    p.add_argument("--error-log", help="log file (default: stderr)")
-    p.add_argument("--access-log", help="access log file (one line per request)")
-    p.add_argument(
-        "--allowed-addrs",
-        metavar="LIST",
-        help="TCP peers allowed: comma-separated IPs and CIDR ranges, or any "
-        "(default: $FCGI_WEB_SERVER_ADDRS, else loopback only)",
-    )
-    p.add_argument("--user", help="run the app as this user (when started as root)")
-    p.add_argument("--group", help="run the app as this group (needs --user)")
-    from fcgi_engine.config.settings import SETTING_BY_KEY
-
-    # These flags come straight from the settings table: type, default and help declared once.
-    for key in SERVE_TUNABLES:
-        setting = SETTING_BY_KEY[key]
-        kind = float if isinstance(setting.kind, tuple) else setting.kind
-        p.add_argument(
-            "--" + key.replace("_", "-"),
-            type=kind,
-            default=setting.default,
-            help=f"{setting.help} (default {setting.default:g})",
-        )
 
 
-SERVE_TUNABLES = (
-    "max_params_size",
-    "params_timeout",
-    "body_timeout",
-    "body_min_rate",
-    "idle_timeout",
-    "send_timeout",
-    "heartbeat_timeout",
-    "worker_connections",
-    "body_buffer_size",
-)
+class UsageError(Exception):
+    """A `serve` command line that cannot run; the message names the flag."""
+
+
+def serve_config(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig that `serve` runs, checked by the same table the YAML loader uses."""
+    from fcgi_engine.config.settings import SETTING_BY_KEY, SETTINGS, ServerConfig, cross_check
+
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        raw = getattr(args, s.key, None) if s.flags else None
+        if raw is None:
+            continue
+        try:
+            value = s.check(raw)
+        except ValueError as exc:
+            raise UsageError(f"{s.flag}: {exc}") from None
+        values[s.key] = os.path.abspath(value) if s.about.path else value
+    values.setdefault("name", values["app"])
+    values.setdefault("socket", "fd:0")
+    problem = cross_check(values, spell=lambda key: SETTING_BY_KEY[key].flag)
+    if problem:
+        raise UsageError(problem[1])
+    return ServerConfig(**values)
 
 
 def _request_parser(sub: argparse._SubParsersAction) -> None:
@@ -120,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-c", "--config", help="YAML config (default: $FCGI_ENGINE_CONFIG, else ./fcgi-engine.yml)"
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
     _serve_parser(sub)
     _request_parser(sub)
     for verb, text in MANAGER_VERBS.items():
@@ -148,68 +126,17 @@ MANAGER_VERBS = {
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from fcgi_engine.config.settings import ServerConfig, parse_allowed_addrs, parse_mode
+    if args.daemon and not args.socket:
+        print("fcgi-engine serve: --daemon needs --listen ADDR", file=sys.stderr)
+        return Code.USAGE
+    try:
+        cfg = serve_config(args)
+    except UsageError as exc:
+        print(f"fcgi-engine serve: {exc}", file=sys.stderr)
+        return Code.USAGE
     from fcgi_engine.master.run import serve
 
-    if args.daemon and not args.listen:
-        print("fcgi-engine serve: --daemon needs --listen ADDR", file=sys.stderr)
-        return EXIT_USAGE
-    if args.nproc < 1:
-        print("fcgi-engine serve: --nproc must be at least 1", file=sys.stderr)
-        return EXIT_USAGE
-    from fcgi_engine.config.settings import SETTING_BY_KEY
-
-    for key in SERVE_TUNABLES:
-        minimum = SETTING_BY_KEY[key].minimum
-        if minimum is not None and getattr(args, key) < minimum:
-            flag = "--" + key.replace("_", "-")
-            print(f"fcgi-engine serve: {flag} must be at least {minimum:g}", file=sys.stderr)
-            return EXIT_USAGE
-    try:
-        mode = parse_mode(args.socket_mode)
-    except ValueError as exc:
-        print(f"fcgi-engine serve: --socket-mode: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.group and not args.user:
-        print(
-            "fcgi-engine serve: --group needs --user (give --user root to keep root): "
-            "without it the app would run as uid 0",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    allowed: list[str] = []
-    if args.allowed_addrs is not None:
-        try:
-            allowed = parse_allowed_addrs(args.allowed_addrs)
-        except ValueError as exc:
-            print(f"fcgi-engine serve: --allowed-addrs: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-    pidfile = os.path.abspath(args.pidfile) if args.pidfile else None
-    cfg = ServerConfig(
-        name=args.name or args.app,
-        socket=args.listen or "fd:0",
-        pidfile=pidfile,
-        app=args.app,
-        nproc=args.nproc,
-        chdir=args.chdir,
-        python=args.python,
-        health=args.health,
-        boot_timeout=args.boot_timeout,
-        graceful_timeout=args.graceful_timeout,
-        max_requests=args.max_requests,
-        max_requests_jitter=args.max_requests_jitter,
-        timeout=args.timeout,
-        max_body_size=args.max_body_size,
-        script_name=args.script_name,
-        allowed_addrs=allowed,
-        socket_mode=mode,
-        error_log=os.path.abspath(args.error_log) if args.error_log else None,
-        access_log=os.path.abspath(args.access_log) if args.access_log else None,
-        user=args.user,
-        group=args.group,
-        **{key: getattr(args, key) for key in SERVE_TUNABLES},
-    )
-    return serve(cfg, inherit_fd0=not args.listen, daemon=args.daemon)
+    return serve(cfg, inherit_fd0=not args.socket, daemon=args.daemon)
 
 
 def cmd_request(args: argparse.Namespace) -> int:
@@ -228,7 +155,7 @@ def cmd_request(args: argparse.Namespace) -> int:
                     f"fcgi-engine request: cannot read {args.data[1:]}: {exc.strerror}",
                     file=sys.stderr,
                 )
-                return EXIT_USAGE
+                return Code.USAGE
         else:
             body = args.data.encode()
     method = args.method or ("POST" if args.data is not None else "GET")
@@ -239,14 +166,14 @@ def cmd_request(args: argparse.Namespace) -> int:
             print(
                 f"fcgi-engine request: bad header {item!r}, expected 'Name: value'", file=sys.stderr
             )
-            return EXIT_USAGE
+            return Code.USAGE
         headers[name.strip()] = value.strip()
     params = {}
     for item in args.param:
         key, sep, value = item.partition("=")
         if not sep:
             print(f"fcgi-engine request: bad --param {item!r}, expected K=V", file=sys.stderr)
-            return EXIT_USAGE
+            return Code.USAGE
         params[key] = value
     try:
         response = request(
@@ -254,13 +181,13 @@ def cmd_request(args: argparse.Namespace) -> int:
         )
     except (ClientError, ValueError) as exc:
         print(f"fcgi-engine request: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return Code.FAILURE
     if response.protocol_status:
         print(
             f"fcgi-engine request: the application refused the request: {response.reason}",
             file=sys.stderr,
         )
-        return EXIT_FAILURE
+        return Code.FAILURE
     out = sys.stdout.buffer
     if args.include:
         out.write(f"HTTP/1.1 {response.status} {response.reason}\r\n".encode("latin-1"))
@@ -274,22 +201,22 @@ def cmd_request(args: argparse.Namespace) -> int:
     if args.fail and response.status >= 400:
         print(f"fcgi-engine request: HTTP {response.status} {response.reason}", file=sys.stderr)
         return 22
-    return EXIT_OK
+    return Code.OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "serve":
+    if args.verb == "serve":
         return cmd_serve(args)
-    if args.command == "request":
+    if args.verb == "request":
         return cmd_request(args)
-    if args.command == "master":
+    if args.verb == "master":
         return cmd_master(args)
-    if args.command in MANAGER_VERBS:
+    if args.verb in MANAGER_VERBS:
         return cmd_manage(args)
     parser.print_help(sys.stderr)
-    return EXIT_USAGE
+    return Code.USAGE
 
 
 def _load(args: argparse.Namespace) -> tuple[str, list[Any]] | int:
@@ -300,7 +227,7 @@ def _load(args: argparse.Namespace) -> tuple[str, list[Any]] | int:
         return path, load_config(path)
     except ConfigError as exc:
         print(f"fcgi-engine: {exc}", file=sys.stderr)
-        return EXIT_NOT_CONFIGURED
+        return Code.NOT_CONFIGURED
 
 
 def cmd_master(args: argparse.Namespace) -> int:
@@ -313,14 +240,14 @@ def cmd_master(args: argparse.Namespace) -> int:
     matches = [s for s in servers if s.name == args.name]
     if not matches:
         print(f"fcgi-engine: no server named {args.name!r}", file=sys.stderr)
-        return EXIT_USAGE
+        return Code.USAGE
     server = matches[0]
     if os.path.abspath(args.pidfile) != server.pidfile:
         print(
             f"fcgi-engine: {args.name}: the config now names pidfile {server.pidfile}",
             file=sys.stderr,
         )
-        return EXIT_NOT_CONFIGURED
+        return Code.NOT_CONFIGURED
     return serve(server, daemon=args.daemon)
 
 
@@ -341,9 +268,9 @@ def cmd_manage(args: argparse.Namespace) -> int:
             f"(known: {', '.join(known)})",
             file=sys.stderr,
         )
-        return EXIT_USAGE
+        return Code.USAGE
     selected = [known[n] for n in dict.fromkeys(args.names)] if args.names else servers
-    verb = "graceful" if args.command == "reload" else args.command
+    verb = "graceful" if args.verb == "reload" else args.verb  # reload is graceful's alias
 
     def progress(text: str) -> None:
         if not args.json:
@@ -386,4 +313,4 @@ def cmd_manage(args: argparse.Namespace) -> int:
                 for line in o.detail.splitlines()[-15:]:
                     print(f"    {line}", file=sys.stderr)
     codes = [int(o.code) for o in outcomes if o.code]
-    return max(codes) if codes else EXIT_OK
+    return max(codes) if codes else Code.OK

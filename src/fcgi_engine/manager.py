@@ -20,13 +20,20 @@ from typing import Any, TypeVar
 
 from fcgi_engine import control
 from fcgi_engine.config.address import AddressError, UnixAddress, parse_address
-from fcgi_engine.config.generation import resolve_allowed_addrs
-from fcgi_engine.config.settings import IdentityError, RunAs, ServerConfig, run_as
+from fcgi_engine.config.settings import (
+    IdentityError,
+    RunAs,
+    ServerConfig,
+    resolve_allowed_addrs,
+    run_as,
+)
+from fcgi_engine.system import interpreter
 from fcgi_engine.system import pidfile as pidfiles
 
 
 class Code(enum.IntEnum):
-    """LSB init-script exit codes."""
+    """LSB init-script exit codes: the one table (the CLI exits with these). There is no 7
+    ("program not running"): no verb needs a running server (graceful starts a stopped one)."""
 
     OK = 0
     FAILURE = 1
@@ -35,7 +42,6 @@ class Code(enum.IntEnum):
     UNKNOWN = 4
     NOT_INSTALLED = 5
     NOT_CONFIGURED = 6
-    NOT_RUNNING = 7
 
 
 @dataclass
@@ -162,23 +168,29 @@ def probe(server: ServerConfig) -> Probe:
             owner=owner,
         )
     try:
-        reply = control.call(path, {"cmd": "status"}, timeout=answer_timeout(server))
+        reply = control.ask(path, control.StatusRequest(), timeout=answer_timeout(server))
     except control.ControlError as exc:
         return Probe(
             State.UNKNOWN, pid, error=f"pid {pid} runs but does not answer: {exc}", owner=owner
         )
-    return Probe(State.RUNNING, pid, reply.get("status", {}), owner=owner)
+    if not isinstance(reply, control.StatusResponse):
+        return Probe(
+            State.UNKNOWN, pid, error=f"pid {pid} refuses its status: {_error(reply)}", owner=owner
+        )
+    return Probe(State.RUNNING, pid, reply.status, owner=owner)
 
 
-def remove_stale_pidfile(server: ServerConfig, pid: int | None) -> None:
+def _error(reply: control.Response) -> str:
+    """What went wrong, as the master said it."""
+    if isinstance(reply, (control.ErrorResponse, control.RolloutResponse)):
+        return reply.error
+    return ""
+
+
+def _remove_stale_pidfile(server: ServerConfig, pid: int | None) -> None:
     """Remove a pidfile that names a dead or foreign process (never touching that process)."""
     assert server.pidfile is not None
-    current = pidfiles.read_pidfile(server.pidfile)
-    if current == pid:
-        try:
-            os.unlink(server.pidfile)
-        except OSError:
-            pass
+    pidfiles.remove_pidfile(server.pidfile, pid)
 
 
 # ---------------------------------------------------------------- check
@@ -212,11 +224,8 @@ def check(server: ServerConfig, timeout: float | None = None) -> Outcome:
     chdir = os.path.realpath(server.chdir) if server.chdir else None
     if chdir and not os.path.isdir(chdir):
         return Outcome(server.name, Code.NOT_INSTALLED, f"chdir {server.chdir} does not exist")
-    env = dict(os.environ)
-    env.update(server.environment)
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), package_root) if p)
-    python = _python(server)
+    env = interpreter.with_package_path({**os.environ, **server.environment})
+    python = interpreter.python(server.python)
     argv = [python, "-m", "fcgi_engine.serving", "--check", server.app_spec or ""]
     for log_path in (server.access_log, server.error_log):
         if log_path:
@@ -300,14 +309,6 @@ def _run_check(
                 out, err = "", ""
             return None, (out or "") + (err or "")
     return proc.returncode, (out or "") + (err or "")
-
-
-def _python(server: ServerConfig) -> str:
-    if not server.python:
-        return sys.executable
-    if os.path.isdir(server.python):
-        return os.path.join(server.python, "bin", "python")
-    return server.python
 
 
 # ---------------------------------------------------------------- start
@@ -395,7 +396,7 @@ def _begin_start(config_path: str, server: ServerConfig) -> _Launch:
             ),
         )
     if state.state is State.STALE:
-        remove_stale_pidfile(server, state.pid)
+        _remove_stale_pidfile(server, state.pid)
         note = f"stale pidfile removed (pid {state.pid}); "
     try:
         _check_directories(server)
@@ -455,49 +456,56 @@ def _finish_start(launch: _Launch) -> Outcome:
 
 
 def stop(servers: Sequence[ServerConfig], fast: bool = False) -> list[Outcome]:
-    pending: list[tuple[ServerConfig, int, int | None, float]] = []
-    outcomes: dict[str, Outcome] = {}
-    for server in servers:
-        state = probe(server)
-        if state.state is State.STOPPED:
-            outcomes[server.name] = Outcome(server.name, Code.OK, "not running")
-        elif state.state is State.STALE:
-            remove_stale_pidfile(server, state.pid)
-            outcomes[server.name] = Outcome(
-                server.name, Code.OK, f"not running (stale pidfile removed, pid {state.pid})"
-            )
-        elif state.pid is None:
-            # Nothing we trust names a process: signalling anything would be a guess.
-            outcomes[server.name] = Outcome(
-                server.name, Code.FAILURE, f"cannot tell whether it runs: {state.error}"
-            )
-        else:
-            # RUNNING, or our own master that does not answer: it is ours to signal.
-            os.kill(state.pid, signal.SIGQUIT if fast else signal.SIGTERM)
-            pending.append((server, state.pid, state.owner, time.monotonic()))
-    for server, pid, owner, since in pending:
-        deadline = since + stop_timeout(server, fast)
+    """Stop every server, all at once: as slow as the slowest."""
+    return _in_parallel(lambda server: _stop_one(server, fast), servers, at_once=len(servers))
 
-        def ours(pid: int = pid, server: ServerConfig = server, owner: int | None = owner) -> bool:
-            return pidfiles.pid_alive(pid) and pidfiles.is_our_master(
-                pid, server.pidfile or "", owner
-            )
 
-        while time.monotonic() < deadline and ours():
-            time.sleep(0.02)
-        if ours():
-            os.kill(pid, signal.SIGKILL)
-            outcomes[server.name] = Outcome(
-                server.name,
-                Code.FAILURE,
-                f"did not stop within {stop_timeout(server, fast):g} s; killed pid {pid}",
-            )
-        else:
-            took = time.monotonic() - since
-            outcomes[server.name] = Outcome(
-                server.name, Code.OK, f"stopped (pid {pid}, {took:.1f} s)"
-            )
-    return [outcomes[s.name] for s in servers]
+def _stop_one(server: ServerConfig, fast: bool) -> Outcome:
+    """Ask the master to stop (it answers once its generations are gone); only a master that
+    does not answer is signalled, and one still there after stop_timeout is killed."""
+    state = probe(server)
+    if state.state is State.STOPPED:
+        return Outcome(server.name, Code.OK, "not running")
+    if state.state is State.STALE:
+        _remove_stale_pidfile(server, state.pid)
+        return Outcome(
+            server.name, Code.OK, f"not running (stale pidfile removed, pid {state.pid})"
+        )
+    if state.pid is None:
+        # Nothing we trust names a process: signalling anything would be a guess.
+        return Outcome(server.name, Code.FAILURE, f"cannot tell whether it runs: {state.error}")
+    pid, limit = state.pid, stop_timeout(server, fast)
+    since = time.monotonic()
+    deadline = since + limit
+
+    def ours() -> bool:
+        return pidfiles.pid_alive(pid) and pidfiles.is_our_master(
+            pid, server.pidfile or "", state.owner
+        )
+
+    answered = False
+    if state.state is State.RUNNING:
+        try:
+            reply = control.ask(server.control_path or "", control.StopRequest(fast), limit)
+            answered = isinstance(reply, control.StoppedResponse)
+        except control.ControlError:
+            pass  # gone quiet: signals below
+    if not answered and time.monotonic() < deadline:
+        # Our own master that does not answer (or stopped answering): it is ours to signal.
+        try:
+            os.kill(pid, signal.SIGQUIT if fast else signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    # Once it answered it only removes its files and exits.
+    while time.monotonic() < deadline and ours():
+        time.sleep(0.02)
+    if ours():
+        os.kill(pid, signal.SIGKILL)
+        return Outcome(
+            server.name, Code.FAILURE, f"did not stop within {limit:g} s; killed pid {pid}"
+        )
+    took = time.monotonic() - since
+    return Outcome(server.name, Code.OK, f"stopped (pid {pid}, {took:.1f} s)")
 
 
 # ---------------------------------------------------------------- restart
@@ -566,34 +574,40 @@ def _graceful_one(server: ServerConfig) -> Outcome | None:
 T = TypeVar("T")
 
 
-def _in_parallel(work: Callable[[ServerConfig], T], servers: Sequence[ServerConfig]) -> list[T]:
+def _in_parallel(
+    work: Callable[[ServerConfig], T], servers: Sequence[ServerConfig], at_once: int = 16
+) -> list[T]:
+    """`work` on each server in threads, `at_once` at most (work that starts processes, such as
+    checks, keeps the default; work that only waits can take them all)."""
     if len(servers) <= 1:
         return [work(s) for s in servers]
-    with ThreadPoolExecutor(max_workers=min(16, len(servers))) as pool:
+    with ThreadPoolExecutor(max_workers=min(at_once, len(servers))) as pool:
         return list(pool.map(work, servers))
 
 
 def _rollout(server: ServerConfig) -> Outcome:
     started = time.monotonic()
     try:
-        reply = control.call(
-            server.control_path or "", {"cmd": "graceful"}, timeout=rollout_timeout(server)
+        reply = control.ask(
+            server.control_path or "", control.RolloutRequest(), timeout=rollout_timeout(server)
         )
     except control.ControlError as exc:
         return Outcome(server.name, Code.FAILURE, f"graceful failed: {exc}")
     took = time.monotonic() - started
-    if reply.get("ok"):
+    data = control.response_wire(reply)
+    if isinstance(reply, control.RolloutResponse) and reply.ok:
         return Outcome(
             server.name,
             Code.OK,
-            f"graceful ok, generation {reply.get('from')} -> {reply.get('to')}, "
-            f"{reply.get('workers')} workers, {took:.1f} s",
-            data=reply,
+            f"graceful ok, generation {reply.from_gen} -> {reply.to_gen}, "
+            f"{reply.workers} workers, {took:.1f} s",
+            data=data,
         )
-    error = str(reply.get("error", "unknown error"))
+    error = _error(reply) or "unknown error"
     first = error.strip().splitlines()[0] if error.strip() else error
-    what = "rolled back, old generation still serving" if reply.get("rolled_back") else "failed"
-    return Outcome(server.name, Code.FAILURE, f"graceful {what}: {first}", detail=error, data=reply)
+    rolled_back = isinstance(reply, control.RolloutResponse) and reply.rolled_back
+    what = "rolled back, old generation still serving" if rolled_back else "failed"
+    return Outcome(server.name, Code.FAILURE, f"graceful {what}: {first}", detail=error, data=data)
 
 
 # ---------------------------------------------------------------- status

@@ -19,8 +19,8 @@ import pytest
 
 from fcgi_engine.client import ClientError, request
 from fcgi_engine.system.pidfile import process_cmdline
-from tests.conftest import APPS, Server, free_port, wait_for
-from tests.integration.test_manager import deploy, seed
+from tests.conftest import APPS, ENGINE, Server, deploy, release_site, wait_for
+from tests.integration.test_manager import seed
 
 pytestmark = pytest.mark.integration
 
@@ -116,7 +116,7 @@ def test_group_without_user_is_refused(cli_for, tmp: Path) -> None:
         assert r.returncode == 6
         assert "key 'group': group: needs user: (write user: root to keep root)" in r.stderr
     r = subprocess.run(
-        [sys.executable, "-m", "fcgi_engine", "serve", f"{APPS}/testapp.py", "--group", "nogroup"],
+        [*ENGINE, "serve", f"{APPS}/testapp.py", "--group", "nogroup"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -161,21 +161,10 @@ def test_hanging_import_fails_the_check_at_boot_timeout(cli_for, tmp: Path) -> N
 
 
 def test_graceful_to_a_hanging_release_fails_at_boot_timeout(cli_for, tmp: Path) -> None:
-    site = tmp / "site"
-    (site / "r1").mkdir(parents=True)
-    (site / "r1" / "app.py").write_text(HELLO)
-    (site / "current").symlink_to(site / "r1")
-    cli = cli_for(f"""\
-- name: app
-  app: app.py
-  chdir: "{site}/current"
-  socket: "{tmp}/app.sock"
-  pidfile: "{tmp}/app.pid"
-  boot_timeout: 4
-""")
+    cli = cli_for(release_site(tmp, HELLO, "  boot_timeout: 4\n"))
     r = cli("start")
     assert r.returncode == 0, r.stdout + r.stderr
-    deploy(site, "r2", hanging_app(tmp / "hang.py").read_text())
+    deploy(tmp / "site", "r2", hanging_app(tmp / "hang.py").read_text())
     started = time.monotonic()
     r = cli("graceful", timeout=60)
     took = time.monotonic() - started
@@ -230,12 +219,11 @@ def test_check_opens_the_logs_as_the_user(cli_for, tmp: Path) -> None:
 def test_master_says_which_tcp_peers_it_accepts(
     tmp: Path, host: str, args: list[str], expected: str
 ) -> None:
-    port = free_port()
     log = tmp / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fcgi_engine", "serve", f"{APPS}/testapp.py", "--name", "t"]
-            + ["--listen", f"{host}:{port}", *args],
+            [*ENGINE, "serve", f"{APPS}/testapp.py", "--name", "t"]
+            + ["--listen", f"{host}:0", *args],
             stdout=out,
             stderr=out,
             stdin=subprocess.DEVNULL,
@@ -256,18 +244,16 @@ def test_tcp_listener_accepts_loopback_only_by_default(
     serve: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("FCGI_WEB_SERVER_ADDRS", raising=False)
-    default = serve(listen=f"127.0.0.1:{free_port()}")
+    default = serve(listen="127.0.0.1:0")
     assert request(default.address, "/hello").status == 200
-    elsewhere = serve(
-        f"{APPS}/testapp.py", "--allowed-addrs", "10.0.0.5", listen=f"127.0.0.1:{free_port()}"
-    )
+    elsewhere = serve(f"{APPS}/testapp.py", "--allowed-addrs", "10.0.0.5", listen="127.0.0.1:0")
     with pytest.raises(ClientError):
         request(elsewhere.address, "/hello", timeout=5)
 
 
 def test_serve_rejects_a_bad_allow_list(tmp: Path) -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "fcgi_engine", "serve", "x", "--allowed-addrs", "10.0.0.1,web"],
+        [*ENGINE, "serve", "x", "--allowed-addrs", "10.0.0.1,web"],
         capture_output=True,
         text=True,
         timeout=30,

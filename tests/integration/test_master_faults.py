@@ -17,18 +17,28 @@ import pytest
 
 from fcgi_engine import control
 from fcgi_engine.client import request
-from fcgi_engine.master.loop import CONTROL_REQUEST_TIMEOUT, MAX_CONTROL_CONNS
+from fcgi_engine.master.loop import CONTROL_REQUEST_TIMEOUT, MAX_CONTROL_CONNS, MAX_CONTROL_LINE
 from tests.conftest import APPS, Server, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 def status(server: Server, timeout: float = 5.0) -> dict[str, Any]:
-    reply = control.call(server.pidfile + ".ctl", {"cmd": "status"}, timeout=timeout)
-    assert reply["ok"], reply
-    assert reply["pid"] == server.pid
-    result: dict[str, Any] = reply["status"]
-    return result
+    reply = control.ask(server.pidfile + ".ctl", control.StatusRequest(), timeout=timeout)
+    assert isinstance(reply, control.StatusResponse) and reply.pid == server.pid, reply
+    return reply.status
+
+
+def raw_exchange(server: Server, data: bytes) -> bytes:
+    """Send `data` on a fresh control connection; all the master sends back before it closes."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(server.pidfile + ".ctl")
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        return received
 
 
 def fds_of(pid: int) -> list[int]:
@@ -123,6 +133,24 @@ def test_idle_and_trickling_control_connections_cannot_hold_the_master(serve) ->
         held = time.monotonic() - trickle_started
         assert CONTROL_REQUEST_TIMEOUT - 1 <= held <= CONTROL_REQUEST_TIMEOUT + 3
     assert "no complete request within" in server.log()
+    assert status(server)["generation"] == 1
+
+
+def test_bad_control_requests_are_answered_with_an_error_and_the_master_carries_on(
+    serve,
+) -> None:
+    server = serve(f"{APPS}/testapp.py", nproc=1)
+    for line, says in [
+        (b"garbage\n", "bad control message: not a JSON line"),
+        (b"[1]\n", "bad control message: a message is a JSON object"),
+        (b'{"cmd": "explode"}\n', "unknown command 'explode'"),
+    ]:
+        reply = control.decode_response(raw_exchange(server, line))
+        assert isinstance(reply, control.ErrorResponse) and says in reply.error, reply
+        assert reply.pid == server.pid
+    # A line over the limit is not read to its end: the connection is closed unanswered.
+    assert raw_exchange(server, b"x" * (MAX_CONTROL_LINE + 10)) == b""
+    assert "request line over" in server.log()
     assert status(server)["generation"] == 1
 
 

@@ -10,8 +10,6 @@ import time
 
 import pytest
 
-from tests.conftest import free_port
-
 pytestmark = pytest.mark.integration
 
 MB = 1024 * 1024
@@ -75,7 +73,7 @@ def transport(request: pytest.FixtureRequest) -> str:
 def start_pair(
     serve, nginx, transport: str, keep_conn: bool, buffering: bool, nproc: int = 2, pool: int = 32
 ):
-    listen = None if transport == "unix" else f"127.0.0.1:{free_port()}"
+    listen = None if transport == "unix" else "127.0.0.1:0"
     server = serve(listen=listen, nproc=nproc)
     front = nginx(server.address, keep_conn=keep_conn, buffering=buffering, pool=pool)
     return server, front

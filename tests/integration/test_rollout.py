@@ -260,17 +260,21 @@ def test_worker_sigkill_under_load(serve, nginx) -> None:
 
     def load() -> None:
         conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=10)
-        for _ in range(100000):
-            if stop.is_set():
-                break
-            try:
-                conn.request("GET", "/hello")
-                r = conn.getresponse()
-                if r.read() != b"hello world\n":
-                    errors.append(str(r.status))
-            except Exception as exc:  # noqa: BLE001
-                errors.append(repr(exc))
-                conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=10)
+        try:
+            for _ in range(100000):
+                if stop.is_set():
+                    break
+                try:
+                    conn.request("GET", "/hello")
+                    r = conn.getresponse()
+                    if r.read() != b"hello world\n":
+                        errors.append(str(r.status))
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(repr(exc))
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=10)
+        finally:
+            conn.close()
 
     threads = [threading.Thread(target=load) for _ in range(4)]
     for t in threads:

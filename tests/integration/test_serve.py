@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from fcgi_engine.client import ClientError, encode_request, request
+from fcgi_engine.client import ClientError, Exchange, Response, encode_request, request
 from fcgi_engine.protocol import RecordType, encode_record
-from tests.conftest import APPS, can_connect, wait_for
+from tests.conftest import APPS, ENGINE, can_connect, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -28,13 +28,14 @@ def test_get_and_unix_socket_mode(serve) -> None:
     assert stat.S_IMODE(os.stat(server.address).st_mode) == 0o660
 
 
-def test_tcp_ipv4_and_ipv6(serve) -> None:
-    from tests.conftest import free_port
-
-    v4 = serve(listen=f"127.0.0.1:{free_port()}")
+def test_tcp_ipv4_and_ipv6_on_a_free_port_report_the_bound_address(serve) -> None:
+    v4 = serve(listen="127.0.0.1:0")
+    assert v4.address.startswith("127.0.0.1:") and not v4.address.endswith(":0")
     assert request(v4.address, "/hello").status == 200
-    v6 = serve(listen=f"[::1]:{free_port()}")
+    v6 = serve(listen="[::1]:0")
+    assert v6.address.startswith("[::1]:") and not v6.address.endswith(":0")
     assert request(v6.address, "/hello").body == b"hello world\n"
+    assert f"listening on {v6.address}" in v6.log()
 
 
 def test_app_errors_give_500_and_traceback_in_log(serve) -> None:
@@ -81,8 +82,14 @@ def test_write_callable_and_close(serve, tmp: Path) -> None:
 
 def test_body_without_content_length_and_readline(serve) -> None:
     server = serve()
-    sock = socket.socket(socket.AF_UNIX)
-    sock.connect(server.address)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(server.address)
+        response = post_lines(sock)
+    assert json.loads(response.body) == ["one\n", "two\n", "three"]
+
+
+def post_lines(sock: socket.socket) -> Response:
+    """POST three lines to /lines without CONTENT_LENGTH, as nginx streams a body."""
     params = {
         "REQUEST_METHOD": "POST",
         "PATH_INFO": "/lines",
@@ -92,10 +99,7 @@ def test_body_without_content_length_and_readline(serve) -> None:
         "QUERY_STRING": "",
     }
     sock.sendall(encode_request(1, params, b"one\ntwo\nthree"))
-    from fcgi_engine.client import Exchange
-
-    response = Exchange(sock, 1).read_response()
-    assert json.loads(response.body) == ["one\n", "two\n", "three"]
+    return Exchange(sock, 1).read_response()
 
 
 def test_environ_normalisation(serve) -> None:
@@ -153,7 +157,7 @@ def test_import_error_exits_nonzero_naming_it(tmp: Path) -> None:
     bad.write_text("import no_such_module_anywhere\n")
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "fcgi_engine", "serve", str(bad), "--listen", str(tmp / "b.sock")],
+        [*ENGINE, "serve", str(bad), "--listen", str(tmp / "b.sock")],
         capture_output=True,
         text=True,
         timeout=30,
@@ -167,9 +171,7 @@ def test_import_error_exits_nonzero_naming_it(tmp: Path) -> None:
 def test_missing_module_exits_nonzero(tmp: Path) -> None:
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "fcgi_engine",
+            *ENGINE,
             "serve",
             "nosuchmod:app",
             "--listen",
@@ -186,9 +188,7 @@ def test_live_socket_refused_stale_socket_replaced(serve, tmp: Path) -> None:
     server = serve()
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "fcgi_engine",
+            *ENGINE,
             "serve",
             f"{APPS}/testapp.py",
             "--listen",
@@ -242,9 +242,7 @@ def test_daemon_returns_when_ready(tmp: Path) -> None:
     env = dict(os.environ, FCGI_TEST_TAG=f"daemon-{time.monotonic_ns()}")
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "fcgi_engine",
+            *ENGINE,
             "serve",
             f"{APPS}/testapp.py",
             "--listen",
@@ -277,9 +275,7 @@ def test_daemon_reports_boot_error(tmp: Path) -> None:
     bad.write_text("raise SystemError('cannot boot today')\n")
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "fcgi_engine",
+            *ENGINE,
             "serve",
             str(bad),
             "--listen",
@@ -298,12 +294,13 @@ def assert_answers_then_stop(proc: subprocess.Popen, path: str, tag: str) -> Non
     """The server started outside the fixture answers on `path`; then it and its tree stop."""
     from tests.conftest import kill_tagged
 
-    try:
-        wait_for(lambda: request(path, "/hello").status == 200, 15, what=f"a server on {path}")
-    finally:
-        proc.terminate()
-        proc.wait(15)
-        kill_tagged(tag)
+    with proc:  # closes its pipes
+        try:
+            wait_for(lambda: request(path, "/hello").status == 200, 15, what=f"a server on {path}")
+        finally:
+            proc.terminate()
+            proc.wait(15)
+            kill_tagged(tag)
 
 
 def test_fd0_listening_socket(tmp: Path) -> None:
@@ -313,7 +310,7 @@ def test_fd0_listening_socket(tmp: Path) -> None:
     listener.listen(16)
     env = dict(os.environ, FCGI_TEST_TAG=f"fd0-{time.monotonic_ns()}")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fcgi_engine", "serve", f"{APPS}/testapp.py"],
+        [*ENGINE, "serve", f"{APPS}/testapp.py"],
         stdin=listener.fileno(),
         env=env,
         stderr=subprocess.PIPE,
@@ -326,9 +323,7 @@ def test_request_cli(serve) -> None:
     server = serve()
     out = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "fcgi_engine",
+            *ENGINE,
             "request",
             server.address,
             "/echo",
@@ -343,14 +338,14 @@ def test_request_cli(serve) -> None:
     assert out.stdout.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b'"length": 3' in out.stdout
     missing = subprocess.run(
-        [sys.executable, "-m", "fcgi_engine", "request", "/nonexistent.sock"],
+        [*ENGINE, "request", "/nonexistent.sock"],
         capture_output=True,
         text=True,
         timeout=30,
     )
     assert missing.returncode == 1 and "cannot connect" in missing.stderr
     fail = subprocess.run(
-        [sys.executable, "-m", "fcgi_engine", "request", server.address, "/nope", "-f"],
+        [*ENGINE, "request", server.address, "/nope", "-f"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -373,7 +368,7 @@ def test_request_cli_protocol_breaker(tmp: Path) -> None:
 
     threading.Thread(target=liar, daemon=True).start()
     out = subprocess.run(
-        [sys.executable, "-m", "fcgi_engine", "request", path],
+        [*ENGINE, "request", path],
         capture_output=True,
         text=True,
         timeout=30,
@@ -431,15 +426,11 @@ def test_body_over_max_body_size_is_413(serve) -> None:
 
 
 def test_tcp_clients_outside_the_allow_list_are_refused(serve) -> None:
-    from tests.conftest import free_port
-
-    server = serve(listen=f"127.0.0.1:{free_port()}", env={"FCGI_WEB_SERVER_ADDRS": "10.9.9.9"})
+    server = serve(listen="127.0.0.1:0", env={"FCGI_WEB_SERVER_ADDRS": "10.9.9.9"})
     with pytest.raises(ClientError):
         request(server.address, "/hello", timeout=5)
     wait_for(lambda: "not in FCGI_WEB_SERVER_ADDRS" in server.log(), 5, what="the refusal log")
-    allowed = serve(
-        listen=f"127.0.0.1:{free_port()}", env={"FCGI_WEB_SERVER_ADDRS": "10.9.9.9, 127.0.0.1"}
-    )
+    allowed = serve(listen="127.0.0.1:0", env={"FCGI_WEB_SERVER_ADDRS": "10.9.9.9, 127.0.0.1"})
     assert request(allowed.address, "/hello").status == 200
 
 

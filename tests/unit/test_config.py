@@ -26,7 +26,7 @@ def write(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
-def test_seed_format_verbatim(tmp_path: Path) -> None:
+def test_seed_list_format_loads_as_written(tmp_path: Path) -> None:
     [server] = load_config(write(tmp_path, SEED))
     assert server.name == "shop.server" and server.nproc == 4
     assert server.scriptname == "/srv/shop/current/shop.wsgi"
@@ -37,7 +37,7 @@ def test_seed_format_verbatim(tmp_path: Path) -> None:
     assert server.control_path == "/run/shop.pid.ctl"
 
 
-def test_mapping_with_defaults(tmp_path: Path) -> None:
+def test_mapping_format_applies_defaults_and_resolves_paths(tmp_path: Path) -> None:
     servers = load_config(
         write(
             tmp_path,
@@ -99,7 +99,7 @@ servers:
         ("- name: a\n  socket: /s\n  app: x\n  health: healthz\n", ["key 'health'"]),
     ],
 )
-def test_invalid_configs_name_file_server_key(
+def test_invalid_configs_are_refused_naming_file_server_key(
     tmp_path: Path, text: str, fragments: list[str]
 ) -> None:
     path = write(tmp_path, text)
@@ -111,12 +111,12 @@ def test_invalid_configs_name_file_server_key(
         assert fragment in message, message
 
 
-def test_missing_file(tmp_path: Path) -> None:
+def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(str(tmp_path / "nope.yml"))
 
 
-def test_addresses() -> None:
+def test_parse_address_reads_unix_and_tcp_forms_and_refuses_others() -> None:
     assert parse_address("/run/a.sock") == UnixAddress("/run/a.sock")
     assert parse_address("unix:/run/a.sock") == UnixAddress("/run/a.sock")
     assert parse_address("127.0.0.1:9000") == TcpAddress("127.0.0.1", 9000)
@@ -126,9 +126,14 @@ def test_addresses() -> None:
     for bad in ("", "host", "host:0", "host:99999", "::1:9000", "[::1]9000", "unix:"):
         with pytest.raises(AddressError):
             parse_address(bad)
+    # A listener may ask for any free port; nothing else may name port 0.
+    assert parse_address("127.0.0.1:0", any_port=True) == TcpAddress("127.0.0.1", 0)
+    assert parse_address("[::1]:0", any_port=True) == TcpAddress("::1", 0)
+    with pytest.raises(AddressError, match="from 0 to 65535"):
+        parse_address("host:99999", any_port=True)
 
 
-def test_modes() -> None:
+def test_parse_mode_reads_octal_however_written() -> None:
     assert parse_mode("0660") == 0o660 and parse_mode("600") == 0o600
     assert (
         parse_mode(0o640) == 0o640
@@ -138,37 +143,6 @@ def test_modes() -> None:
     )
     with pytest.raises(ValueError):
         parse_mode("0999")
-
-
-def test_pidfile_identity_needs_our_command_line(tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
-    from fcgi_engine.system.pidfile import is_our_master, read_pidfile, write_pidfile
-
-    pidfile = tmp_path / "x.pid"
-    write_pidfile(str(pidfile), os.getpid())
-    assert read_pidfile(str(pidfile)) == os.getpid()
-    assert not is_our_master(os.getpid(), str(pidfile))  # pytest is not an fcgi-engine master
-    # A process whose command line names fcgi-engine and this pidfile, relative to its cwd.
-    fake = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(30)", "fcgi-engine", "--pidfile", "x.pid"],
-        cwd=tmp_path,
-    )
-    try:
-        import time
-
-        from fcgi_engine.system.pidfile import process_cmdline
-
-        deadline = time.monotonic() + 5  # the command line appears once exec has finished
-        while not process_cmdline(fake.pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert is_our_master(fake.pid, str(pidfile))
-        assert not is_our_master(fake.pid, str(tmp_path / "other.pid"))
-    finally:
-        fake.kill()
-        fake.wait()
 
 
 # ---------------------------------------------------------------- allowed_addrs
@@ -227,10 +201,12 @@ def test_allowed_addrs_from_defaults_are_validated(tmp_path: Path) -> None:
         load_config(path)
 
 
-def test_effective_allowed_addrs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_allowed_addrs_resolve_config_then_env_then_loopback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from fcgi_engine.config.address import LOOPBACK
-    from fcgi_engine.config.generation import for_server, resolve_allowed_addrs
-    from fcgi_engine.config.settings import ServerConfig
+    from fcgi_engine.config.boot import for_server
+    from fcgi_engine.config.settings import ServerConfig, resolve_allowed_addrs
 
     monkeypatch.delenv("FCGI_WEB_SERVER_ADDRS", raising=False)
     bare = ServerConfig(name="a", socket="127.0.0.1:9000", app="x")
@@ -255,7 +231,7 @@ def test_effective_allowed_addrs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert gen_addrs(explicit) == ["any"]  # the config's own list wins over the environment
 
 
-def test_parse_allowed_addrs_for_the_command_line() -> None:
+def test_parse_allowed_addrs_reads_a_comma_separated_string() -> None:
     from fcgi_engine.config.settings import parse_allowed_addrs
 
     assert parse_allowed_addrs("10.0.0.5,192.168.0.0/16") == ["10.0.0.5", "192.168.0.0/16"]

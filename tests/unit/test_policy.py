@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import signal
+from typing import Any
 
+from fcgi_engine.channel import WorkerInfo
+from fcgi_engine.control import ErrorResponse, RolloutResponse, StatusResponse, StoppedResponse
 from fcgi_engine.master import policy as P
 
 
@@ -13,6 +16,22 @@ def make(nproc: int = 2) -> P.MasterPolicy:
 
 def kinds(actions: list[P.Action]) -> list[str]:
     return [type(a).__name__ for a in actions if not isinstance(a, P.Log)]
+
+
+def replies(actions: list[P.Action]) -> list[P.Reply]:
+    return [a for a in actions if isinstance(a, P.Reply)]
+
+
+def rollout_reply(actions: list[P.Action]) -> RolloutResponse:
+    [reply] = replies(actions)
+    assert isinstance(reply.payload, RolloutResponse)
+    return reply.payload
+
+
+def status_of(pol: P.MasterPolicy, now: float) -> dict[str, Any]:
+    [reply] = pol.handle(P.StatusRequested(now, "c"))
+    assert isinstance(reply, P.Reply) and isinstance(reply.payload, StatusResponse)
+    return reply.payload.status
 
 
 def started(pol: P.MasterPolicy) -> None:
@@ -55,9 +74,11 @@ def test_graceful_reply_waits_for_the_old_generation_to_exit() -> None:
     acts = pol.handle(P.GenerationReady(2, 6.0, [21, 22]))
     assert not [a for a in acts if isinstance(a, P.Reply)]
     acts = pol.handle(P.GenerationExited(1, 7.0, 0))
-    [reply] = [a for a in acts if isinstance(a, P.Reply)]
+    [reply] = replies(acts)
     assert reply.reply_to == "caller"
-    assert reply.payload["ok"] and reply.payload["from"] == 1 and reply.payload["to"] == 2
+    assert reply.payload == RolloutResponse(
+        ok=True, from_gen=1, to_gen=2, workers=2, boot_seconds=1.0, seconds=2.0
+    )
 
 
 def test_failed_rollout_rolls_back_and_keeps_old() -> None:
@@ -66,14 +87,9 @@ def test_failed_rollout_rolls_back_and_keeps_old() -> None:
     pol.handle(P.RolloutRequested(5.0, reply_to="caller"))
     acts = pol.handle(P.GenerationFailed(2, 6.0, "RuntimeError: broken release"))
     assert P.KillGeneration(2) in acts
-    [reply] = [a for a in acts if isinstance(a, P.Reply)]
-    assert reply.payload == {
-        "ok": False,
-        "from": 1,
-        "to": 2,
-        "error": "RuntimeError: broken release",
-        "rolled_back": True,
-    }
+    assert rollout_reply(acts) == RolloutResponse(
+        ok=False, from_gen=1, to_gen=2, error="RuntimeError: broken release", rolled_back=True
+    )
     assert not [a for a in acts if isinstance(a, P.SignalGeneration)]
     assert pol.active == 1
     assert pol.handle(P.GenerationExited(2, 6.5, -9)) == []
@@ -86,8 +102,7 @@ def test_boot_timeout_fails_the_rollout() -> None:
     assert pol.handle(P.Tick(14.0)) == []
     acts = pol.handle(P.Tick(15.5))
     assert P.KillGeneration(2) in acts
-    [reply] = [a for a in acts if isinstance(a, P.Reply)]
-    assert "boot_timeout" in reply.payload["error"]
+    assert "boot_timeout" in rollout_reply(acts).error
 
 
 def test_generation_exiting_before_ready_reports_its_output() -> None:
@@ -95,8 +110,7 @@ def test_generation_exiting_before_ready_reports_its_output() -> None:
     started(pol)
     pol.handle(P.RolloutRequested(5.0, reply_to="c"))
     acts = pol.handle(P.GenerationExited(2, 5.5, 1, "Segmentation fault"))
-    [reply] = [a for a in acts if isinstance(a, P.Reply)]
-    assert reply.payload["error"] == "Segmentation fault"
+    assert rollout_reply(acts).error == "Segmentation fault"
     assert pol.active == 1
 
 
@@ -106,9 +120,7 @@ def test_second_rollout_refused_while_one_boots() -> None:
     pol.handle(P.RolloutRequested(5.0, reply_to="a"))
     acts = pol.handle(P.RolloutRequested(5.1, reply_to="b"))
     assert acts == [
-        P.Reply(
-            "b", {"ok": False, "error": "a rollout is already running (generation 2 is booting)"}
-        )
+        P.Reply("b", ErrorResponse("a rollout is already running (generation 2 is booting)"))
     ]
 
 
@@ -147,14 +159,30 @@ def test_ttin_ttou_resize_by_count_with_a_minimum_of_one() -> None:
     assert pol.nproc == 1
 
 
-def test_usr1_reopens_logs_everywhere_and_usr2_reexecs() -> None:
+def test_usr1_reopens_logs_everywhere_and_usr2_reexecs_at_the_next_tick() -> None:
     pol = make()
     started(pol)
     acts = pol.handle(P.SignalReceived(signal.SIGUSR1, 2.0))
     assert P.ReopenLogs() in acts and P.SignalGeneration(1, signal.SIGUSR1) in acts
-    assert P.ReExec() in pol.handle(P.SignalReceived(signal.SIGUSR2, 2.0))
+    assert P.ReExec() not in pol.handle(P.SignalReceived(signal.SIGUSR2, 2.0))
+    assert P.ReExec() in pol.handle(P.Tick(2.0))
+    assert P.ReExec() not in pol.handle(P.Tick(2.1))
     pol.handle(P.RolloutRequested(3.0))
-    assert P.ReExec() not in pol.handle(P.SignalReceived(signal.SIGUSR2, 3.1))
+    pol.handle(P.SignalReceived(signal.SIGUSR2, 3.1))
+    assert P.ReExec() not in pol.handle(P.Tick(3.1))
+
+
+def test_usr2_then_hup_in_one_batch_drops_the_reexec_for_the_rollout() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(P.SignalReceived(signal.SIGUSR2, 2.0))
+    assert spawned(pol.handle(P.SignalReceived(signal.SIGHUP, 2.0))) == [2]
+    acts = pol.handle(P.Tick(2.0))
+    assert P.ReExec() not in acts
+    assert any(isinstance(a, P.Log) and "re-exec dropped" in a.message for a in acts)
+    # Nothing is left pending: the rollout's end does not re-exec by surprise.
+    pol.handle(P.GenerationReady(2, 3.0, [21, 22]))
+    assert P.ReExec() not in pol.handle(P.Tick(3.0))
 
 
 def test_active_generation_crash_boots_a_new_one() -> None:
@@ -182,25 +210,24 @@ def test_draining_generation_killed_after_graceful_timeout_backstop() -> None:
     pol.handle(P.GenerationReady(2, 6.0, [1]))
     assert P.KillGeneration(1) not in pol.handle(P.Tick(36.0))
     assert P.KillGeneration(1) in pol.handle(P.Tick(41.5))
+    # Killed once: later ticks wait for its reap.
+    assert P.KillGeneration(1) not in pol.handle(P.Tick(1e9))
 
 
-def test_status_snapshot() -> None:
-    pol = make()
+def test_status_snapshot_counts_workers_and_requests_and_names_the_address() -> None:
+    pol = P.MasterPolicy(P.Settings("api", 2, listen="127.0.0.1:43117"))
     started(pol)
-    pol.handle(
-        P.GenerationStatus(
-            1,
-            2.0,
-            [
-                {"pid": 11, "state": "idle", "requests": 5},
-                {"pid": 12, "state": "busy", "requests": 7},
-            ],
-        )
-    )
-    [reply] = pol.handle(P.StatusRequested(3.0, "c"))
-    status = reply.payload["status"]
+    workers = [WorkerInfo(11, "idle", 5, 1.5), WorkerInfo(12, "busy", 7, 1.5)]
+    pol.handle(P.GenerationStatus(1, 2.0, workers))
+    status = status_of(pol, 3.0)
     assert status["generation"] == 1 and status["requests"] == 12
     assert status["workers_ready"] == 2 and status["state"] == "running"
+    assert status["listen"] == "127.0.0.1:43117"
+    # The JSON `status --json` shows: workers as objects, as the generation reported them.
+    assert status["workers"] == [
+        {"pid": 11, "state": "idle", "requests": 5, "started": 1.5},
+        {"pid": 12, "state": "busy", "requests": 7, "started": 1.5},
+    ]
 
 
 def test_usr1_skips_a_booting_generation_and_resize_catches_up_after_boot() -> None:
@@ -229,8 +256,7 @@ def test_hup_during_boot_queues_one_more_rollout_after_ready() -> None:
     acts = pol.handle(P.SignalReceived(signal.SIGHUP, 5.1))
     assert spawned(acts) == []
     assert any(isinstance(a, P.Log) and "queued" in a.message for a in acts)
-    [reply] = pol.handle(P.StatusRequested(5.2, "c"))
-    assert reply.payload["status"]["rollout_queued"] is True
+    assert status_of(pol, 5.2)["rollout_queued"] is True
     acts = pol.handle(P.GenerationReady(2, 6.0, [21, 22]))
     # Generation 2 takes over as usual, and the queued rollout starts at once.
     assert P.SignalGeneration(1, signal.SIGHUP) in acts
@@ -315,9 +341,7 @@ def test_graceful_during_boot_is_refused_not_queued() -> None:
     pol.handle(P.SignalReceived(signal.SIGHUP, 5.0))
     acts = pol.handle(P.RolloutRequested(5.1, reply_to="b"))
     assert acts == [
-        P.Reply(
-            "b", {"ok": False, "error": "a rollout is already running (generation 2 is booting)"}
-        )
+        P.Reply("b", ErrorResponse("a rollout is already running (generation 2 is booting)"))
     ]
     assert spawned(pol.handle(P.GenerationReady(2, 6.0, [21, 22]))) == []
 
@@ -331,8 +355,8 @@ def test_active_generation_exit_during_a_rollout_keeps_the_booting_one() -> None
     assert pol.booting == 2
     acts = pol.handle(P.GenerationReady(2, 6.0, [21, 22]))
     assert pol.active == 2
-    [reply] = [a for a in acts if isinstance(a, P.Reply)]
-    assert reply.payload["ok"] is True and reply.payload["to"] == 2
+    reply = rollout_reply(acts)
+    assert reply.ok is True and reply.to_gen == 2
 
 
 def test_queued_hup_after_a_failed_boot_with_nothing_serving_is_the_backed_off_respawn() -> None:
@@ -348,3 +372,106 @@ def test_queued_hup_after_a_failed_boot_with_nothing_serving_is_the_backed_off_r
     assert spawned(pol.handle(P.Tick(pol.respawn_at + 0.01))) == [3]
     assert spawned(pol.handle(P.GenerationReady(3, 8.0, [31, 32]))) == []
     assert pol.active == 3 and not pol.rollout_queued
+
+
+# ---------------------------------------------------------------- stop replies, last rollout
+
+
+def test_stop_request_is_answered_once_everything_has_exited() -> None:
+    pol = make()
+    started(pol)
+    acts = pol.handle(P.StopRequested(3.0, fast=False, reply_to="mgr"))
+    assert replies(acts) == []
+    acts = pol.handle(P.GenerationExited(1, 4.0, 0))
+    assert P.Reply("mgr", StoppedResponse()) in acts and P.Exit(0) in acts
+
+
+def test_stop_during_stop_is_answered_too() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(P.StopRequested(3.0, reply_to="a"))
+    pol.handle(P.StopRequested(3.5, fast=True, reply_to="b"))
+    acts = pol.handle(P.GenerationExited(1, 4.0, 0))
+    assert [r.reply_to for r in replies(acts)] == ["a", "b"]
+
+
+def test_rollout_during_stop_is_refused() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(P.SignalReceived(signal.SIGTERM, 3.0))
+    assert pol.handle(P.RolloutRequested(3.1, reply_to="c")) == [
+        P.Reply("c", ErrorResponse("the server is stopping"))
+    ]
+
+
+def test_last_rollout_in_the_status_has_its_wire_shape() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(P.SignalReceived(signal.SIGHUP, 5.0))
+    pol.handle(P.GenerationReady(2, 6.5, [21, 22]))
+    assert status_of(pol, 7.0)["last_rollout"] == {
+        "ok": True,
+        "from": 1,
+        "to": 2,
+        "workers": 2,
+        "boot_seconds": 1.5,
+    }
+    pol.handle(P.SignalReceived(signal.SIGHUP, 8.0))
+    pol.handle(P.GenerationFailed(3, 8.5, "boom"))
+    assert status_of(pol, 9.0)["last_rollout"] == {
+        "ok": False,
+        "from": 2,
+        "to": 3,
+        "error": "boom",
+        "rolled_back": True,
+    }
+
+
+# ---------------------------------------------------------------- adoption after a re-exec
+
+
+def adopted(pol: P.MasterPolicy, *gens: P.AdoptedGeneration, active: int | None) -> list[P.Action]:
+    return pol.handle(P.Adopted(100.0, list(gens), active=active, next_id=5, nproc=3))
+
+
+def test_adoption_takes_over_the_active_and_draining_generations() -> None:
+    pol = make()
+    workers = [WorkerInfo(41, "idle", 9, 50.0)]
+    acts = adopted(
+        pol,
+        P.AdoptedGeneration(3, P.Phase.DRAINING, [31], []),
+        P.AdoptedGeneration(4, P.Phase.ACTIVE, [41], workers),
+        active=4,
+    )
+    assert spawned(acts) == [] and not [a for a in acts if isinstance(a, P.NotifyStarted)]
+    assert pol.active == 4 and pol.nproc == 3 and pol.next_id == 5
+    status = status_of(pol, 101.0)
+    assert status["state"] == "running" and status["requests"] == 9
+    assert [g["id"] for g in status["generations"]] == [3, 4]
+    # The draining one is still bounded by graceful_timeout (30 s) and the backstop.
+    assert P.KillGeneration(3) not in pol.handle(P.Tick(134.0))
+    assert P.KillGeneration(3) in pol.handle(P.Tick(136.0))
+    # Generation ids go on from where the old image left them.
+    assert spawned(pol.handle(P.SignalReceived(signal.SIGHUP, 140.0))) == [5]
+
+
+def test_adoption_without_an_active_generation_boots_one() -> None:
+    pol = make()
+    acts = adopted(pol, P.AdoptedGeneration(3, P.Phase.DRAINING, [31], []), active=None)
+    assert acts[0] == P.SpawnGeneration(5, 3)
+    assert pol.active is None and pol.booting == 5
+
+
+def test_adoption_ignores_an_active_id_it_was_not_given() -> None:
+    pol = make()
+    acts = adopted(pol, active=7)
+    assert spawned(acts) == [5] and pol.active is None
+
+
+def test_adopted_master_stops_once_the_adopted_generations_exit() -> None:
+    pol = make()
+    adopted(pol, P.AdoptedGeneration(4, P.Phase.ACTIVE, [41], []), active=4)
+    assert P.SignalGeneration(4, signal.SIGTERM) in pol.handle(
+        P.SignalReceived(signal.SIGTERM, 101)
+    )
+    assert P.Exit(0) in pol.handle(P.GenerationExited(4, 102.0, 0))

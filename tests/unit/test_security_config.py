@@ -55,14 +55,14 @@ def test_run_as_root_switches_with_initgroups_semantics(nobody: pwd.struct_passw
     assert kept is not None and (kept.uid, kept.gid) == (0, nobody.pw_gid)
 
 
-def test_group_needs_user() -> None:
+def test_run_as_refuses_a_group_without_a_user() -> None:
     assert run_as(None, None) is None
     with pytest.raises(IdentityError, match="group: needs user:"):
         run_as(None, "nogroup")
     assert "write user: root to keep root" in GROUP_NEEDS_USER
 
 
-def test_unknown_user_or_group() -> None:
+def test_run_as_refuses_an_unknown_user_or_group() -> None:
     with pytest.raises(IdentityError, match="no such user 'no-such-user-xyz'"):
         run_as("no-such-user-xyz", None)
     with pytest.raises(IdentityError, match="no such group 'no-such-group-xyz'"):
@@ -86,7 +86,7 @@ def test_not_root_cannot_run_the_app_as_someone_else(
 # ---------------------------------------------------------------- runtime directory
 
 
-def test_default_runtime_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_runtime_dir_is_private_to_the_user(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert settings.default_runtime_dir() == "/run/fcgi-engine"
     assert settings.default_pidfile("my app") == "/run/fcgi-engine/my_app.pid"

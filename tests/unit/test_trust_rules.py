@@ -1,10 +1,9 @@
-"""The pure parts behind the trust guarantees: respawn rules, heartbeats, body spooling, the
-allow-list, and a broken connection that must not keep its buffers alive."""
+"""The pure parts behind the trust guarantees: heartbeats, body spooling, the allow-list, and a
+broken connection that must not keep its buffers alive. (The respawn rules: test_slots.py.)"""
 
 from __future__ import annotations
 
 import gc
-import signal
 import weakref
 
 import pytest
@@ -13,58 +12,6 @@ from fcgi_engine.config.address import LOOPBACK, AddressError, AllowList
 from fcgi_engine.protocol import Connection, ProtocolError
 from fcgi_engine.serving.body import InputStream, SpooledBody
 from fcgi_engine.serving.scoreboard import Scoreboard
-from fcgi_engine.serving.slots import CRASH_MAX, KILLED_MAX, Death, Slot, after_death, due
-
-
-def test_a_worker_that_served_and_was_killed_is_replaced_at_once() -> None:
-    slot = Slot(0, pid=10, started=0.0)
-    for n in range(10):
-        assert after_death(slot, Death(-signal.SIGKILL, lived=2.0, served=5), now=n) == 0.0
-        slot.pid = 11
-    assert slot.failures == 0
-
-
-def test_an_old_worker_killed_before_serving_is_replaced_at_once() -> None:
-    slot = Slot(0, pid=10)
-    assert after_death(slot, Death(-signal.SIGKILL, lived=60.0, served=0), now=60) == 0.0
-
-
-def test_young_kills_from_outside_back_off_at_most_a_second() -> None:
-    slot = Slot(0, pid=10)
-    delays = [after_death(slot, Death(-signal.SIGKILL, 0.1, 0), now=n) for n in range(12)]
-    assert delays[:2] == [0.0, 0.0]
-    assert max(delays) == KILLED_MAX
-    assert not slot.crashed
-
-
-def test_a_crash_loop_backs_off_up_to_its_cap() -> None:
-    slot = Slot(0, pid=10)
-    delays = [after_death(slot, Death(1, 0.1, 0), now=n) for n in range(12)]
-    assert delays[0] == 0.0
-    assert delays == sorted(delays)
-    assert delays[-1] == CRASH_MAX
-    assert slot.crashed
-    # A segfault is a crash of its own too.
-    segv = Slot(1, pid=11)
-    after_death(segv, Death(-signal.SIGSEGV, 0.1, 0), now=0)
-    assert segv.crashed
-    # A clean exit resets everything.
-    assert after_death(slot, Death(0, 0.1, 0), now=20) == 0.0 and slot.failures == 0
-
-
-def test_an_empty_pool_is_refilled_at_once_unless_every_slot_crash_loops() -> None:
-    killed = Slot(0, respawn_at=10.0)
-    crashing = Slot(1, respawn_at=8.0, crashed=True)
-    assert due([killed, crashing], now=5.0, last_spawn=0.0) == [killed]
-    # Not faster than the minimum interval.
-    assert due([killed, crashing], now=5.0, last_spawn=4.99) == []
-    # With a live worker the back-off stands.
-    live = Slot(2, pid=99)
-    assert due([killed, live], now=5.0, last_spawn=0.0) == []
-    # Only crash-loopers: they wait out their back-off.
-    assert due([crashing], now=5.0, last_spawn=0.0) == []
-    assert due([crashing], now=8.0, last_spawn=0.0) == [crashing]
-    assert due([Slot(3, retired=True)], now=5.0, last_spawn=0.0) == []
 
 
 def test_scoreboard_keeps_heartbeat_and_request_fields_apart() -> None:

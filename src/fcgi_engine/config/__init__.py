@@ -1,2 +1,3 @@
-"""Configuration: typed settings, ADDR parsing and the YAML loader. Layer 0: imports nothing of ours
-outside this package."""
+"""Configuration: the settings table (`settings`), ADDR parsing (`address`), the YAML loader
+(`loader`) and what a generation is told when it is exec'd (`boot`). Layer 0: imports nothing of
+ours outside this package."""

@@ -36,7 +36,9 @@ class TcpAddress:
 Address = UnixAddress | TcpAddress
 
 
-def parse_address(text: str) -> Address:
+def parse_address(text: str, *, any_port: bool = False) -> Address:
+    """A unix socket path or HOST:PORT. With `any_port` (a listener's own address), port 0 asks
+    the kernel for any free port; the listener reports the one it bound."""
     text = text.strip()
     if not text:
         raise AddressError("empty address")
@@ -57,8 +59,9 @@ def parse_address(text: str) -> Address:
             raise AddressError(f"{text!r}: expected a socket path or HOST:PORT")
         if ":" in host:
             raise AddressError(f"{text!r}: write an IPv6 address as [ADDR]:PORT")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise AddressError(f"{text!r}: port must be a number from 1 to 65535")
+    lowest = 0 if any_port else 1
+    if not port.isdigit() or not lowest <= int(port) < 65536:
+        raise AddressError(f"{text!r}: port must be a number from {lowest} to 65535")
     return TcpAddress(host or "127.0.0.1", int(port))
 
 

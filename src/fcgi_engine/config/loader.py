@@ -7,24 +7,23 @@ started from an invalid file.
 from __future__ import annotations
 
 import os
-from dataclasses import fields
 from typing import Any
 
 import yaml
 
 from fcgi_engine.config.address import AddressError, UnixAddress, parse_address
 from fcgi_engine.config.settings import (
-    GROUP_NEEDS_USER,
     SETTING_BY_KEY,
+    SETTINGS,
     ServerConfig,
+    cross_check,
     default_pidfile,
-    parse_allowed_addrs,
-    parse_mode,
 )
 
 CONFIG_ENV = "FCGI_ENGINE_CONFIG"
 DEFAULT_CONFIG = "fcgi-engine.yml"
-PATH_KEYS = ("pidfile", "scriptname", "chdir", "access_log", "error_log")
+PATH_KEYS = tuple(s.key for s in SETTINGS if s.about.path)
+UNIQUE_KEYS = tuple(s.key for s in SETTINGS if s.about.per_server)
 
 
 class ConfigError(Exception):
@@ -110,10 +109,11 @@ def load_config(path: str) -> list[ServerConfig]:
             raise ConfigError(path, "'defaults' must be a mapping", key="defaults")
         defaults = dict(raw_defaults)
         for key in defaults:
-            if key in ("name", "socket", "pidfile") or key not in SETTING_BY_KEY:
+            known = SETTING_BY_KEY.get(key)
+            if known is None or known.about.per_server:
                 raise ConfigError(
                     path,
-                    "not allowed in defaults" if key in SETTING_BY_KEY else "unknown key",
+                    "not allowed in defaults" if known else "unknown key",
                     key=str(key),
                     line=getattr(raw_defaults, "lines", {}).get(str(key)),
                 )
@@ -154,86 +154,40 @@ def _server(path: str, base: str, index: int, entry: Any, defaults: dict[str, An
     merged = {**defaults, **entry}
     values: dict[str, Any] = {}
     for key, value in merged.items():
-        setting = SETTING_BY_KEY[key]
         if value is None:
             continue
-        kinds = setting.kind if isinstance(setting.kind, tuple) else (setting.kind,)
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            wanted = " or ".join(k.__name__ for k in kinds)
-            # A mapping is our line-tracking dict subclass: name what the user wrote instead.
-            got = "mapping" if isinstance(value, dict) else type(value).__name__
-            shown = dict(value) if isinstance(value, dict) else value
-            raise error(key, f"must be {wanted}, got {got} {shown!r}")
-        if (
-            setting.minimum is not None
-            and isinstance(value, (int, float))
-            and (value < setting.minimum)
-        ):
-            raise error(key, f"must be at least {setting.minimum:g}, got {value!r}")
-        values[key] = value
-    for required in ("name", "socket"):
-        if required not in values:
-            raise error(required, "missing required key")
-    chosen = [k for k in ("app", "scriptname", "command") if k in values]
-    if len(chosen) != 1:
-        raise error(
-            chosen[1] if len(chosen) > 1 else "app",
-            "give exactly one of app, scriptname or command",
-        )
+        try:
+            values[key] = SETTING_BY_KEY[key].check(value)
+        except ValueError as exc:
+            raise error(key, str(exc)) from None
+    problem = cross_check(values)
+    if problem:
+        raise error(*problem)
     if "command" in values:
         command = values["command"]
-        if not command or not all(isinstance(part, str) for part in command):
-            raise error("command", "must be a non-empty list of strings")
         if os.sep in command[0] and not os.path.isabs(command[0]):
             values["command"] = [os.path.join(base, command[0]), *command[1:]]
-    if "additional_args" in values:
-        if not all(isinstance(v, (str, int, float)) for v in values["additional_args"]):
-            raise error("additional_args", "must be a list of strings")
-        values["additional_args"] = [str(v) for v in values["additional_args"]]
-    if "allowed_addrs" in values:
-        raw = values["allowed_addrs"]
-        if isinstance(raw, list) and not all(isinstance(v, str) for v in raw):
-            raise error("allowed_addrs", "must be a list of IP addresses or CIDR ranges (strings)")
-        try:
-            values["allowed_addrs"] = parse_allowed_addrs(raw)
-        except ValueError as exc:
-            raise error("allowed_addrs", str(exc)) from None
-    if values.get("group") and not values.get("user"):
-        # Without a user the workers would keep uid 0 while looking unprivileged.
-        raise error("group", GROUP_NEEDS_USER)
-    if "environment" in values:
-        values["environment"] = {str(k): str(v) for k, v in values["environment"].items()}
     try:
         address = parse_address(str(values["socket"]))
     except AddressError as exc:
         raise error("socket", str(exc)) from None
     if isinstance(address, UnixAddress):
         values["socket"] = os.path.join(base, address.path)
-    try:
-        values["socket_mode"] = parse_mode(values.get("socket_mode", "0660"))
-    except ValueError as exc:
-        raise error("socket_mode", str(exc)) from None
     for key in PATH_KEYS:
         if key in values:
             values[key] = os.path.join(base, os.path.expanduser(values[key]))
     if "scriptname" in values and "chdir" not in values:
         values["chdir"] = os.path.dirname(values["scriptname"])
     values.setdefault("pidfile", default_pidfile(values["name"]))
-    if values.get("health") is not None and not str(values["health"]).startswith("/"):
-        raise error("health", "must be a path starting with /")
-    known = {f.name for f in fields(ServerConfig)}
-    return ServerConfig(**{k: v for k, v in values.items() if k in known})
+    return ServerConfig(**values)
 
 
 def _check_unique(path: str, servers: list[ServerConfig], entries: list[Any]) -> None:
     seen: dict[str, str] = {}
     for server, entry in zip(servers, entries, strict=True):
         lines = getattr(entry, "lines", {})
-        for key, value in (
-            ("name", server.name),
-            ("socket", server.socket),
-            ("pidfile", server.pidfile),
-        ):
+        for key in UNIQUE_KEYS:
+            value = getattr(server, key)
             marker = f"{key}={value}"
             if marker in seen:
                 raise ConfigError(

@@ -13,13 +13,16 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from fcgi_engine import control
-from fcgi_engine.config.generation import ENV_KEY, for_server
+from fcgi_engine import channel, control
+from fcgi_engine.channel import WorkerInfo
+from fcgi_engine.config.boot import ENV_KEY, for_server
 from fcgi_engine.config.settings import ServerConfig
+from fcgi_engine.control import unhandled
 from fcgi_engine.master import policy as P
+from fcgi_engine.system import interpreter, sockets
 from fcgi_engine.system.wakeup import WakeupPipe
 
 log = logging.getLogger("fcgi_engine.master")
@@ -65,7 +68,8 @@ class ControlConn:
 
     sock: socket.socket
     deadline: float
-    buf: bytes = b""
+    lines: control.LineBuffer = field(default_factory=lambda: control.LineBuffer(MAX_CONTROL_LINE))
+    received: int = 0
 
 
 class RateLimitedLog:
@@ -108,9 +112,64 @@ class Child:
     channel: socket.socket
     output: int  # read end of the generation's stderr pipe
     proc: subprocess.Popen[bytes] | None = None
-    buf: bytes = b""
+    lines: control.LineBuffer = field(default_factory=control.LineBuffer)
     tail: bytearray = field(default_factory=bytearray)
     exited: bool = False
+
+
+@dataclass(frozen=True)
+class InheritedGeneration:
+    id: int
+    pid: int
+    channel: int  # fds, open across the exec
+    output: int
+    phase: str
+    pids: list[int]
+    workers: list[WorkerInfo]
+
+
+@dataclass(frozen=True)
+class ReexecState:
+    """What a master hands its own next image in $REEXEC_ENV (JSON; the next image may be a newer
+    engine, so the format only grows)."""
+
+    listen: int
+    handoff: tuple[int, int]
+    control: int  # -1: none
+    active: int | None
+    next_id: int
+    generations: list[InheritedGeneration]
+    nproc: int | None = None
+    unix_path: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ReexecState:
+        obj = json.loads(text)
+        gens = []
+        for g in obj["generations"]:
+            try:
+                workers = channel.workers_from_wire(g.get("workers", []))
+            except channel.MessageError:
+                workers = []  # the next status report fills them in
+            gens.append(
+                InheritedGeneration(
+                    g["id"], g["pid"], g["channel"], g["output"], g["phase"], g["pids"], workers
+                )
+            )
+        send, recv = obj["handoff"]
+        return cls(
+            listen=obj["listen"],
+            handoff=(send, recv),
+            control=obj["control"],
+            active=obj["active"],
+            next_id=obj["next_id"],
+            generations=gens,
+            nproc=obj.get("nproc"),
+            unix_path=obj.get("unix_path"),
+        )
 
 
 class MasterLoop:
@@ -122,18 +181,22 @@ class MasterLoop:
         control_sock: socket.socket | None = None,
         ready_fd: int = -1,
         log_stream: Any = None,
+        unix_path: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.listener = listener
         self.control_sock = control_sock
         self.ready_fd = ready_fd
         self.log_stream = log_stream or sys.stderr
+        # A unix socket we created (removed at exit, kept across a re-exec).
+        self.unix_path = unix_path
         self.policy = P.MasterPolicy(
             P.Settings(
                 name=cfg.name,
                 nproc=cfg.nproc,
                 boot_timeout=cfg.boot_timeout,
                 graceful_timeout=cfg.graceful_timeout,
+                listen=unix_path or sockets.describe(listener),
             )
         )
         self.handoff_send, self.handoff_recv = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -150,7 +213,6 @@ class MasterLoop:
         self.limited_log = RateLimitedLog()
         self.deferred_events: list[P.Event] = []
         self.reexec_requested = False
-        self.unix_path: str | None = None
 
     # ------------------------------------------------------------ setup
 
@@ -163,13 +225,13 @@ class MasterLoop:
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
-    def run(self, adopted: dict[str, Any] | None = None) -> int:
+    def run(self, adopted: ReexecState | None = None) -> int:
         self.install_signals()
         self.sel.register(self.wakeup.read_fd, selectors.EVENT_READ, ("wake", None))
         if self.control_sock is not None:
             self.control_sock.setblocking(False)
             self._watch_accept(time.monotonic())
-        if adopted:
+        if adopted is not None:
             self._adopt(adopted)
         else:
             self._execute(self.policy.handle(P.Started(time.monotonic())))
@@ -203,14 +265,6 @@ class MasterLoop:
 
     # ------------------------------------------------------------ generations
 
-    def _python(self) -> str:
-        python = self.cfg.python
-        if not python:
-            return sys.executable
-        if os.path.isdir(python):
-            return os.path.join(python, "bin", "python")
-        return python
-
     def _spawn_failed(self, gen_id: int, error: str) -> None:
         """The generation never started: the policy sees a boot that failed and exited."""
         now = time.monotonic()
@@ -235,6 +289,8 @@ class MasterLoop:
         env = os.environ.copy()
         env.pop(REEXEC_ENV, None)
         env.update({k: str(v) for k, v in self.cfg.environment.items()})
+        # PYTHONPATH: an interpreter or virtualenv of the server's own (`python:`) may lack us.
+        env = interpreter.with_package_path(env)
         env[ENV_KEY] = for_server(
             self.cfg,
             gen_id,
@@ -244,16 +300,11 @@ class MasterLoop:
             handoff_send_fd=self.handoff_send.fileno(),
             handoff_recv_fd=self.handoff_recv.fileno(),
         ).to_json()
-        # The directory holding the fcgi_engine package, so an interpreter or virtualenv of the
-        # server's own (`python:`) that lacks it can still boot generations.
-        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (env.get("PYTHONPATH", ""), package_root) if p
-        )
         cwd = os.path.realpath(self.cfg.chdir) if self.cfg.chdir else None
+        python = interpreter.python(self.cfg.python)
         try:
             proc = subprocess.Popen(
-                [self._python(), "-m", "fcgi_engine.serving", self.cfg.name],
+                [python, "-m", "fcgi_engine.serving", self.cfg.name],
                 pass_fds=(
                     self.listener.fileno(),
                     theirs.fileno(),
@@ -273,7 +324,7 @@ class MasterLoop:
             ours.close()
             os.close(out_r)
             os.close(out_w)
-            self._spawn_failed(gen_id, f"cannot start {self._python()}: {exc}")
+            self._spawn_failed(gen_id, f"cannot start {python}: {exc}")
             return
         theirs.close()
         os.close(out_w)
@@ -307,21 +358,40 @@ class MasterLoop:
         if not data:
             self._unregister(child.channel)
             return
-        messages, child.buf = control.split_messages(child.buf + data)
+        dropped = child.lines.dropped
+        lines = child.lines.feed(data)
         now = time.monotonic()
-        for msg in messages:
-            kind = msg.get("event")
-            if kind == "ready":
-                ev: P.Event = P.GenerationReady(
-                    child.gen_id, now, msg.get("pids", []), msg.get("workers", [])
-                )
-            elif kind == "failed":
-                ev = P.GenerationFailed(child.gen_id, now, str(msg.get("error", "")))
-            elif kind == "status":
-                ev = P.GenerationStatus(child.gen_id, now, msg.get("workers", []))
-            else:
+        if child.lines.dropped > dropped:
+            self._bad_channel_line(child, "a line over the length limit", now)
+        for line in lines:
+            try:
+                msg = channel.decode(line)
+            except channel.MessageError as exc:
+                self._bad_channel_line(child, str(exc), now)
                 continue
+            ev: P.Event
+            match msg:
+                case channel.Ready(pids=pids, workers=workers):
+                    ev = P.GenerationReady(child.gen_id, now, pids, workers)
+                case channel.Failed(error=error):
+                    ev = P.GenerationFailed(child.gen_id, now, error)
+                case channel.Status(workers=workers):
+                    ev = P.GenerationStatus(child.gen_id, now, workers)
+                case channel.Resize():
+                    self._bad_channel_line(child, "a Resize goes to a generation, not from it", now)
+                    continue
+                case _:
+                    unhandled(msg)
             self._execute(self.policy.handle(ev))
+
+    def _bad_channel_line(self, child: Child, problem: str, now: float) -> None:
+        self.limited_log(
+            f"channel-{child.gen_id}",
+            f"{self.cfg.name}: generation {child.gen_id} sent a message that was skipped: "
+            f"{problem}",
+            now,
+            logging.WARNING,
+        )
 
     def _read_output(self, child: Child) -> None:
         try:
@@ -483,7 +553,7 @@ class MasterLoop:
             self.limited_log(
                 "ctl-deadline",
                 f"{self.cfg.name}: control connection closed: no complete request within "
-                f"{CONTROL_REQUEST_TIMEOUT:g} s ({len(cc.buf)} bytes received)",
+                f"{CONTROL_REQUEST_TIMEOUT:g} s ({cc.received} bytes received)",
                 now,
                 logging.WARNING,
             )
@@ -503,36 +573,37 @@ class MasterLoop:
         if not data:
             self._close_control(conn)
             return
-        cc.buf += data
-        if b"\n" not in cc.buf:
-            if len(cc.buf) > MAX_CONTROL_LINE:
-                log.warning(
-                    "%s: control connection closed: request line over %d bytes",
-                    self.cfg.name,
-                    MAX_CONTROL_LINE,
-                )
-                self._close_control(conn)
+        cc.received += len(data)
+        lines = cc.lines.feed(data)
+        if cc.lines.dropped:
+            log.warning(
+                "%s: control connection closed: request line over %d bytes",
+                self.cfg.name,
+                MAX_CONTROL_LINE,
+            )
+            self._close_control(conn)
             return
-        line = cc.buf.split(b"\n", 1)[0]
+        if not lines:
+            return
         self._unregister(conn)
         # Still open (and counted) until the reply, which may come much later (graceful, stop).
         self.control_conns[conn.fileno()] = None
         now = time.monotonic()
         try:
-            msg = control.decode(line)
-        except ValueError as exc:
-            self._reply(conn, {"ok": False, "error": f"bad control message: {exc}"})
+            request = control.decode_request(lines[0])
+        except control.MessageError as exc:
+            self._reply(conn, control.ErrorResponse(f"bad control message: {exc}"))
             return
-        cmd = msg.get("cmd")
-        if cmd == "status":
-            ev: P.Event = P.StatusRequested(now, conn)
-        elif cmd == "graceful":
-            ev = P.RolloutRequested(now, conn)
-        elif cmd == "stop":
-            ev = P.StopRequested(now, bool(msg.get("fast")), conn)
-        else:
-            self._reply(conn, {"ok": False, "error": f"unknown command {cmd!r}"})
-            return
+        ev: P.Event
+        match request:
+            case control.StatusRequest():
+                ev = P.StatusRequested(now, conn)
+            case control.RolloutRequest():
+                ev = P.RolloutRequested(now, conn)
+            case control.StopRequest(fast=fast):
+                ev = P.StopRequested(now, fast, conn)
+            case _:
+                unhandled(request)
         self._execute(self.policy.handle(ev))
 
     def _close_control(self, conn: socket.socket) -> None:
@@ -540,11 +611,10 @@ class MasterLoop:
         self.control_conns.pop(conn.fileno(), None)
         conn.close()
 
-    def _reply(self, conn: Any, payload: dict[str, Any]) -> None:
+    def _reply(self, conn: Any, response: control.Response) -> None:
         if not isinstance(conn, socket.socket):
             return
-        payload.setdefault("pid", os.getpid())
-        data = control.encode(payload)
+        data = control.encode(replace(response, pid=os.getpid()))
         try:
             # Never wait on a reader: a reply is small and fits the socket buffer of any client
             # that reads; one whose buffer is full loses its reply rather than stall the master.
@@ -598,55 +668,66 @@ class MasterLoop:
             )
 
     def _execute_one(self, action: P.Action) -> None:
-        if isinstance(action, P.SpawnGeneration):
-            self._spawn(action.gen_id, action.nproc)
-        elif isinstance(action, P.SignalGeneration):
-            child = self.children.get(action.gen_id)
-            if child is not None:
-                try:
-                    os.kill(child.pid, action.signum)
-                except ProcessLookupError:
-                    pass
-                except OSError as exc:
-                    log.error(
-                        "%s: cannot signal generation %d (pid %d) with %s: %s",
-                        self.cfg.name,
-                        child.gen_id,
-                        child.pid,
-                        signal.Signals(action.signum).name,
-                        exc,
-                    )
-        elif isinstance(action, P.ResizeGeneration):
-            child = self.children.get(action.gen_id)
-            if child is not None:
-                try:
-                    # Non-blocking, and a few bytes: it fits unless the generation stopped
-                    # reading its channel, and then it is too wedged to resize anyway.
-                    child.channel.sendall(control.encode({"cmd": "nproc", "n": action.nproc}))
-                except OSError as exc:
-                    log.error(
-                        "%s: cannot tell generation %d to run %d workers: %s",
-                        self.cfg.name,
-                        child.gen_id,
-                        action.nproc,
-                        exc,
-                    )
-        elif isinstance(action, P.KillGeneration):
-            child = self.children.get(action.gen_id)
-            if child is not None:
-                self._kill_group(child)
-        elif isinstance(action, P.Reply):
-            self._reply(action.reply_to, dict(action.payload))
-        elif isinstance(action, P.NotifyStarted):
-            self._notify(action.ok, action.message)
-        elif isinstance(action, P.Log):
-            getattr(log, action.level)(action.message)
-        elif isinstance(action, P.ReopenLogs):
-            self._reopen_logs()
-        elif isinstance(action, P.ReExec):
-            self.reexec_requested = True
-        elif isinstance(action, P.Exit):
-            self.exit_code = action.code
+        match action:
+            case P.SpawnGeneration(gen_id=gen_id, nproc=nproc):
+                self._spawn(gen_id, nproc)
+            case P.SignalGeneration(gen_id=gen_id, signum=signum):
+                self._signal_generation(gen_id, signum)
+            case P.ResizeGeneration(gen_id=gen_id, nproc=nproc):
+                self._resize_generation(gen_id, nproc)
+            case P.KillGeneration(gen_id=gen_id):
+                child = self.children.get(gen_id)
+                if child is not None:
+                    self._kill_group(child)
+            case P.Reply(reply_to=reply_to, payload=payload):
+                self._reply(reply_to, payload)
+            case P.NotifyStarted(ok=ok, message=message):
+                self._notify(ok, message)
+            case P.Log(level=level, message=message):
+                getattr(log, level)(message)
+            case P.ReopenLogs():
+                self._reopen_logs()
+            case P.ReExec():
+                self.reexec_requested = True
+            case P.Exit(code=code):
+                self.exit_code = code
+            case _:
+                unhandled(action)
+
+    def _signal_generation(self, gen_id: int, signum: int) -> None:
+        child = self.children.get(gen_id)
+        if child is None:
+            return
+        try:
+            os.kill(child.pid, signum)
+        except ProcessLookupError:
+            pass
+        except OSError as exc:
+            log.error(
+                "%s: cannot signal generation %d (pid %d) with %s: %s",
+                self.cfg.name,
+                child.gen_id,
+                child.pid,
+                signal.Signals(signum).name,
+                exc,
+            )
+
+    def _resize_generation(self, gen_id: int, nproc: int) -> None:
+        child = self.children.get(gen_id)
+        if child is None:
+            return
+        try:
+            # Non-blocking, and a few bytes: it fits unless the generation stopped reading its
+            # channel, and then it is too wedged to resize anyway.
+            child.channel.sendall(channel.encode(channel.Resize(nproc)))
+        except OSError as exc:
+            log.error(
+                "%s: cannot tell generation %d to run %d workers: %s",
+                self.cfg.name,
+                child.gen_id,
+                nproc,
+                exc,
+            )
 
     def _notify(self, ok: bool, message: str) -> None:
         if self.ready_fd < 0:
@@ -680,10 +761,8 @@ class MasterLoop:
     # ------------------------------------------------------------ re-exec in place
 
     def _reexec(self) -> None:
-        """Become a fresh master image (same pid), keeping the socket and the generations."""
-        if self.policy.booting is not None:
-            log.warning("%s: re-exec postponed: a rollout is running", self.cfg.name)
-            return
+        """Become a fresh master image (same pid), keeping the socket and the generations.
+        The policy decided it is time (no rollout boots, no stop runs)."""
         keep = [self.listener.fileno(), self.handoff_send.fileno(), self.handoff_recv.fileno()]
         if self.control_sock is not None:
             keep.append(self.control_sock.fileno())
@@ -692,29 +771,29 @@ class MasterLoop:
             rec = self.policy.generations.get(child.gen_id)
             keep += [child.channel.fileno(), child.output]
             gens.append(
-                {
-                    "id": child.gen_id,
-                    "pid": child.pid,
-                    "channel": child.channel.fileno(),
-                    "output": child.output,
-                    "phase": rec.phase.value if rec else "draining",
-                    "pids": rec.pids if rec else [],
-                    "workers": rec.workers if rec else [],
-                }
+                InheritedGeneration(
+                    id=child.gen_id,
+                    pid=child.pid,
+                    channel=child.channel.fileno(),
+                    output=child.output,
+                    phase=rec.phase.value if rec else P.Phase.DRAINING.value,
+                    pids=rec.pids if rec else [],
+                    workers=rec.workers if rec else [],
+                )
             )
         for fd in keep:
             os.set_inheritable(fd, True)
-        state = {
-            "listen": self.listener.fileno(),
-            "handoff": [self.handoff_send.fileno(), self.handoff_recv.fileno()],
-            "control": self.control_sock.fileno() if self.control_sock is not None else -1,
-            "active": self.policy.active,
-            "next_id": self.policy.next_id,
-            "generations": gens,
-            "nproc": self.policy.nproc,
-            "unix_path": self.unix_path,
-        }
-        os.environ[REEXEC_ENV] = json.dumps(state)
+        state = ReexecState(
+            listen=self.listener.fileno(),
+            handoff=(self.handoff_send.fileno(), self.handoff_recv.fileno()),
+            control=self.control_sock.fileno() if self.control_sock is not None else -1,
+            active=self.policy.active,
+            next_id=self.policy.next_id,
+            generations=gens,
+            nproc=self.policy.nproc,
+            unix_path=self.unix_path,
+        )
+        os.environ[REEXEC_ENV] = state.to_json()
         argv = [sys.executable, *sys.orig_argv[1:]] if hasattr(sys, "orig_argv") else sys.argv
         signal.set_wakeup_fd(-1)
         log.info("%s: exec %s", self.cfg.name, " ".join(argv))
@@ -725,40 +804,32 @@ class MasterLoop:
             self.wakeup.install()
             log.error("%s: re-exec failed (%s); carrying on", self.cfg.name, exc)
 
-    def _adopt(self, state: dict[str, Any]) -> None:
+    def _adopt(self, state: ReexecState) -> None:
         self.handoff_send.close()
         self.handoff_recv.close()
-        self.handoff_send = socket.socket(fileno=state["handoff"][0])
-        self.handoff_recv = socket.socket(fileno=state["handoff"][1])
-        now = time.monotonic()
-        pol = self.policy
-        pol.started_at = now
-        pol.started_ok = True
-        pol.next_id = state["next_id"]
-        pol.nproc = state.get("nproc", pol.nproc)
-        for g in state["generations"]:
-            child = Child(g["id"], g["pid"], socket.socket(fileno=g["channel"]), g["output"])
+        self.handoff_send = socket.socket(fileno=state.handoff[0])
+        self.handoff_recv = socket.socket(fileno=state.handoff[1])
+        adopted = []
+        for g in state.generations:
+            child = Child(g.id, g.pid, socket.socket(fileno=g.channel), g.output)
             self._register_child(child)
-            os.set_inheritable(g["channel"], False)
-            os.set_inheritable(g["output"], False)
-            phase = P.Phase(g["phase"])
-            pol.generations[g["id"]] = P.GenerationRecord(
-                g["id"],
-                phase,
-                now,
-                deadline=now + self.cfg.graceful_timeout,
-                pids=g["pids"],
-                workers=g["workers"],
-                ready_at=now,
-            )
-        pol.active = state["active"] if state["active"] in pol.generations else None
+            os.set_inheritable(g.channel, False)
+            os.set_inheritable(g.output, False)
+            adopted.append(P.AdoptedGeneration(g.id, P.Phase(g.phase), g.pids, g.workers))
         for fd in (self.listener.fileno(), self.handoff_send.fileno(), self.handoff_recv.fileno()):
             os.set_inheritable(fd, False)
+        event = P.Adopted(
+            time.monotonic(),
+            adopted,
+            active=state.active,
+            next_id=state.next_id,
+            nproc=state.nproc if state.nproc is not None else self.policy.nproc,
+        )
+        actions = self.policy.handle(event)
         log.info(
             "%s: master re-executed (pid %d), adopted generation %s",
             self.cfg.name,
             os.getpid(),
-            pol.active,
+            self.policy.active,
         )
-        if pol.active is None:
-            self._execute(pol._spawn(now))
+        self._execute(actions)

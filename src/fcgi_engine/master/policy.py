@@ -7,9 +7,27 @@ is a unit test; the loop only carries the actions out.
 from __future__ import annotations
 
 import enum
+import math
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from fcgi_engine.channel import WorkerInfo
+from fcgi_engine.control import (
+    ErrorResponse,
+    Response,
+    RolloutResponse,
+    StatusResponse,
+    StoppedResponse,
+    response_wire,
+    unhandled,
+)
+
+# A deadline that never comes (compares greater than any time).
+NEVER = math.inf
+# The generation kills its own workers at graceful_timeout; the master kills what is left of a
+# draining generation this much later.
+DRAIN_BACKSTOP = 5.0
 
 
 class Phase(enum.Enum):
@@ -26,7 +44,7 @@ class GenerationRecord:
     started: float
     deadline: float = 0.0
     pids: list[int] = field(default_factory=list)
-    workers: list[dict[str, Any]] = field(default_factory=list)
+    workers: list[WorkerInfo] = field(default_factory=list)
     error: str = ""
     ready_at: float = 0.0
 
@@ -69,7 +87,7 @@ class GenerationReady:
     gen_id: int
     now: float
     pids: list[int] = field(default_factory=list)
-    workers: list[dict[str, Any]] = field(default_factory=list)
+    workers: list[WorkerInfo] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -83,7 +101,7 @@ class GenerationFailed:
 class GenerationStatus:
     gen_id: int
     now: float
-    workers: list[dict[str, Any]]
+    workers: list[WorkerInfo]
 
 
 @dataclass(frozen=True)
@@ -99,8 +117,29 @@ class Tick:
     now: float
 
 
+@dataclass(frozen=True)
+class AdoptedGeneration:
+    id: int
+    phase: Phase
+    pids: list[int] = field(default_factory=list)
+    workers: list[WorkerInfo] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Adopted:
+    """The master re-exec'd itself in place (USR2) and holds these generations again: the
+    first event of the new image, instead of Started."""
+
+    now: float
+    generations: list[AdoptedGeneration]
+    active: int | None
+    next_id: int
+    nproc: int
+
+
 Event = (
     Started
+    | Adopted
     | SignalReceived
     | RolloutRequested
     | StopRequested
@@ -145,7 +184,7 @@ class KillGeneration:
 @dataclass(frozen=True)
 class Reply:
     reply_to: Any
-    payload: dict[str, Any]
+    payload: Response
 
 
 @dataclass(frozen=True)
@@ -169,7 +208,7 @@ class ReopenLogs:
 
 @dataclass(frozen=True)
 class ReExec:
-    pass
+    """Exec the master's image again now (the loop does it once this list is carried out)."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +237,7 @@ class Settings:
     boot_timeout: float = 30.0
     graceful_timeout: float = 30.0
     respawn_backoff: float = 1.0
+    listen: str = ""  # the bound address, shown in the status ("127.0.0.1:43117", a path)
 
 
 class MasterPolicy:
@@ -213,15 +253,19 @@ class MasterPolicy:
         self.started_at = 0.0
         self.waiters: list[Any] = []
         self.stop_waiters: list[Any] = []
-        self.last_rollout: dict[str, Any] | None = None
+        self.last_rollout: RolloutResponse | None = None
         self.crash_count = 0
         self.respawn_at: float | None = None
         self.exit_code = 0
-        self.drain_waiters: dict[int, list[tuple[Any, dict[str, Any], float]]] = {}
+        # Rollout replies held until the old generation is gone: (waiter, outcome, boot start).
+        self.drain_waiters: dict[int, list[tuple[Any, RolloutResponse, float]]] = {}
         # A HUP while a generation boots: one more rollout is wanted once that boot ends. A
         # flag, not a count: any number of HUPs during one boot ask for the same thing (boot
         # whatever is deployed now), so they coalesce into one rollout.
         self.rollout_queued = False
+        # A USR2 taken: the re-exec happens at the next Tick unless a boot or a stop began
+        # meanwhile (the image must not change under a rollout).
+        self.reexec_wanted = False
 
     # ------------------------------------------------------------ helpers
 
@@ -250,7 +294,7 @@ class MasterPolicy:
                     "id": rec.id,
                     "phase": rec.phase.value,
                     "age": round(now - rec.started, 3),
-                    "workers": rec.workers,
+                    "workers": [w.to_wire() for w in rec.workers],
                     "pids": rec.pids,
                 }
             )
@@ -258,38 +302,83 @@ class MasterPolicy:
         workers = active.workers if active else []
         return {
             "name": self._name(),
+            "listen": self.settings.listen,
             "state": "stopping" if self.stopping else ("running" if active else "starting"),
             "generation": self.active,
             "booting": self.booting,
             "nproc": self.nproc,
-            "workers": workers,
+            "workers": [w.to_wire() for w in workers],
             "workers_ready": len(workers),
-            "requests": sum(int(w.get("requests", 0)) for w in workers),
+            "requests": sum(w.requests for w in workers),
             "uptime": round(now - self.started_at, 3),
             "generations": gens,
-            "last_rollout": self.last_rollout,
+            "last_rollout": (
+                response_wire(self.last_rollout) if self.last_rollout is not None else None
+            ),
             "rollout_queued": self.rollout_queued,
         }
 
     # ------------------------------------------------------------ the decision
 
     def handle(self, event: Event) -> list[Action]:
-        method = getattr(self, "_on_" + type(event).__name__)
-        actions: list[Action] = method(event)
-        return actions
+        match event:
+            case Started():
+                return self._on_started(event)
+            case Adopted():
+                return self._on_adopted(event)
+            case SignalReceived():
+                return self._on_signal(event)
+            case RolloutRequested():
+                return self._on_rollout_requested(event)
+            case StopRequested():
+                return self._on_stop_requested(event)
+            case StatusRequested():
+                return [Reply(event.reply_to, StatusResponse(self.snapshot(event.now)))]
+            case GenerationReady():
+                return self._on_generation_ready(event)
+            case GenerationFailed():
+                return self._on_generation_failed(event)
+            case GenerationStatus():
+                return self._on_generation_status(event)
+            case GenerationExited():
+                return self._on_generation_exited(event)
+            case Tick():
+                return self._on_tick(event)
+            case _:
+                unhandled(event)
 
-    def _on_Started(self, ev: Started) -> list[Action]:
+    def _on_started(self, ev: Started) -> list[Action]:
         self.started_at = ev.now
         return self._spawn(ev.now)
 
-    def _on_SignalReceived(self, ev: SignalReceived) -> list[Action]:
+    def _on_adopted(self, ev: Adopted) -> list[Action]:
+        self.started_at = ev.now
+        self.started_ok = True
+        self.next_id = ev.next_id
+        self.nproc = ev.nproc
+        for g in ev.generations:
+            self.generations[g.id] = GenerationRecord(
+                g.id,
+                g.phase,
+                ev.now,
+                deadline=ev.now + self.settings.graceful_timeout,
+                pids=list(g.pids),
+                workers=list(g.workers),
+                ready_at=ev.now,
+            )
+        self.active = ev.active if ev.active in self.generations else None
+        if self.active is None:
+            return self._spawn(ev.now)
+        return []
+
+    def _on_signal(self, ev: SignalReceived) -> list[Action]:
         sig = ev.signum
         if sig == signal.SIGHUP:
-            return self._on_RolloutRequested(RolloutRequested(ev.now))
+            return self._on_rollout_requested(RolloutRequested(ev.now))
         if sig == signal.SIGTERM:
-            return self._on_StopRequested(StopRequested(ev.now))
+            return self._on_stop_requested(StopRequested(ev.now))
         if sig in (signal.SIGINT, signal.SIGQUIT):
-            return self._on_StopRequested(StopRequested(ev.now, fast=True))
+            return self._on_stop_requested(StopRequested(ev.now, fast=True))
         if sig in (signal.SIGTTIN, signal.SIGTTOU):
             if sig == signal.SIGTTOU and self.nproc <= 1:
                 return [Log("warning", f"{self._name()}: TTOU ignored, 1 worker is the minimum")]
@@ -311,19 +400,29 @@ class MasterPolicy:
         if sig == signal.SIGUSR2:
             if self.booting is not None or self.stopping:
                 return [Log("warning", f"{self._name()}: USR2 ignored during a rollout or stop")]
-            return [Log("info", f"{self._name()}: re-executing the master in place"), ReExec()]
+            self.reexec_wanted = True
+            return [Log("info", f"{self._name()}: re-executing the master in place")]
         return []
 
-    def _on_RolloutRequested(self, ev: RolloutRequested) -> list[Action]:
+    def _reexec_due(self) -> list[Action]:
+        """The USR2 taken earlier, unless a boot or a stop began since (one batch of signals
+        can hold a USR2 and then a HUP)."""
+        if not self.reexec_wanted:
+            return []
+        self.reexec_wanted = False
+        if self.booting is not None or self.stopping:
+            return [Log("warning", f"{self._name()}: re-exec dropped: a rollout or stop began")]
+        return [ReExec()]
+
+    def _on_rollout_requested(self, ev: RolloutRequested) -> list[Action]:
         if self.stopping:
-            return self._reply(ev.reply_to, ok=False, error="the server is stopping")
+            return self._refuse(ev.reply_to, "the server is stopping")
         if self.booting is not None:
             if ev.reply_to is not None:
                 # Refused, not queued: the caller is told which rollout is running.
-                return self._reply(
+                return self._refuse(
                     ev.reply_to,
-                    ok=False,
-                    error=f"a rollout is already running (generation {self.booting} is booting)",
+                    f"a rollout is already running (generation {self.booting} is booting)",
                 )
             # A HUP has nobody to tell "try again", so dropping it would lose a deploy that
             # signalled just after a start or another rollout: remember it instead.
@@ -344,12 +443,12 @@ class MasterPolicy:
             self.waiters.append(ev.reply_to)
         return self._spawn(ev.now)
 
-    def _reply(self, reply_to: Any, **payload: Any) -> list[Action]:
+    def _refuse(self, reply_to: Any, error: str) -> list[Action]:
         if reply_to is None:
-            return [Log("warning", f"{self._name()}: {payload.get('error', '')}")]
-        return [Reply(reply_to, payload)]
+            return [Log("warning", f"{self._name()}: {error}")]
+        return [Reply(reply_to, ErrorResponse(error))]
 
-    def _on_StopRequested(self, ev: StopRequested) -> list[Action]:
+    def _on_stop_requested(self, ev: StopRequested) -> list[Action]:
         actions: list[Action] = []
         if ev.reply_to is not None:
             self.stop_waiters.append(ev.reply_to)
@@ -373,10 +472,7 @@ class MasterPolicy:
         actions += self._maybe_exit()
         return actions
 
-    def _on_StatusRequested(self, ev: StatusRequested) -> list[Action]:
-        return [Reply(ev.reply_to, {"ok": True, "status": self.snapshot(ev.now)})]
-
-    def _on_GenerationReady(self, ev: GenerationReady) -> list[Action]:
+    def _on_generation_ready(self, ev: GenerationReady) -> list[Action]:
         rec = self.generations.get(ev.gen_id)
         if rec is None or ev.gen_id != self.booting:
             return []
@@ -404,23 +500,19 @@ class MasterPolicy:
             old_rec.phase = Phase.DRAINING
             old_rec.deadline = ev.now + self.settings.graceful_timeout
             actions.append(SignalGeneration(old, signal.SIGHUP))
-        outcome = {
-            "ok": True,
-            "from": old,
-            "to": ev.gen_id,
-            "workers": len(ev.pids),
-            "boot_seconds": boot_time,
-        }
+        outcome = RolloutResponse(
+            ok=True, from_gen=old, to_gen=ev.gen_id, workers=len(ev.pids), boot_seconds=boot_time
+        )
         if old is not None or self.waiters:
-            self.last_rollout = dict(outcome)
+            self.last_rollout = outcome
         if old is not None and old in self.generations:
             # Answered once the old generation is gone: "ok" means the rollout is complete.
             self.drain_waiters.setdefault(old, []).extend(
-                (waiter, dict(outcome), rec.started) for waiter in self.waiters
+                (waiter, outcome, rec.started) for waiter in self.waiters
             )
         else:
             for waiter in self.waiters:
-                actions.append(Reply(waiter, dict(outcome)))
+                actions.append(Reply(waiter, outcome))
         self.waiters = []
         if not self.started_ok:
             self.started_ok = True
@@ -456,16 +548,16 @@ class MasterPolicy:
             KillGeneration(gen_id),
             Log("error", f"{self._name()}: generation {gen_id} failed: {rec.error}"),
         ]
-        outcome = {
-            "ok": False,
-            "from": self.active,
-            "to": gen_id,
-            "error": rec.error,
-            "rolled_back": self.active is not None,
-        }
-        self.last_rollout = dict(outcome)
+        outcome = RolloutResponse(
+            ok=False,
+            from_gen=self.active,
+            to_gen=gen_id,
+            error=rec.error,
+            rolled_back=self.active is not None,
+        )
+        self.last_rollout = outcome
         for waiter in self.waiters:
-            actions.append(Reply(waiter, dict(outcome)))
+            actions.append(Reply(waiter, outcome))
         self.waiters = []
         if not self.started_ok and self.active is None and not self.stopping:
             if self.crash_count == 0:
@@ -491,7 +583,7 @@ class MasterPolicy:
             )
         ]
 
-    def _on_GenerationFailed(self, ev: GenerationFailed) -> list[Action]:
+    def _on_generation_failed(self, ev: GenerationFailed) -> list[Action]:
         rec = self.generations.get(ev.gen_id)
         if rec is None:
             return []
@@ -500,13 +592,13 @@ class MasterPolicy:
             return self._fail_booting(ev.now, ev.error)
         return []
 
-    def _on_GenerationStatus(self, ev: GenerationStatus) -> list[Action]:
+    def _on_generation_status(self, ev: GenerationStatus) -> list[Action]:
         rec = self.generations.get(ev.gen_id)
         if rec is not None:
             rec.workers = list(ev.workers)
         return []
 
-    def _on_GenerationExited(self, ev: GenerationExited) -> list[Action]:
+    def _on_generation_exited(self, ev: GenerationExited) -> list[Action]:
         rec = self.generations.pop(ev.gen_id, None)
         if rec is None:
             return []
@@ -545,8 +637,7 @@ class MasterPolicy:
         elif rec.phase is Phase.DRAINING:
             actions.append(Log("info", f"{self._name()}: generation {ev.gen_id} drained"))
         for waiter, outcome, started in self.drain_waiters.pop(ev.gen_id, []):
-            outcome["seconds"] = round(ev.now - started, 3)
-            actions.append(Reply(waiter, outcome))
+            actions.append(Reply(waiter, replace(outcome, seconds=round(ev.now - started, 3))))
         actions += self._maybe_exit()
         return actions
 
@@ -560,11 +651,11 @@ class MasterPolicy:
         if any(r.phase is Phase.FAILED for r in self.generations.values()):
             # Wait for the killed generation to be reaped first.
             return []
-        actions: list[Action] = [Reply(w, {"ok": True, "stopped": True}) for w in self.stop_waiters]
+        actions: list[Action] = [Reply(w, StoppedResponse()) for w in self.stop_waiters]
         self.stop_waiters = []
         return actions + [Exit(self.exit_code)]
 
-    def _on_Tick(self, ev: Tick) -> list[Action]:
+    def _on_tick(self, ev: Tick) -> list[Action]:
         actions: list[Action] = []
         if self.booting is not None:
             rec = self.generations[self.booting]
@@ -573,9 +664,10 @@ class MasterPolicy:
                     ev.now, f"not ready within boot_timeout ({self.settings.boot_timeout:g} s)"
                 )
         for rec in list(self.generations.values()):
-            if rec.phase is Phase.DRAINING and ev.now > rec.deadline + 5.0:
-                # The generation kills its own workers at graceful_timeout; this is the backstop.
-                rec.deadline = ev.now + 3600
+            if rec.phase is Phase.DRAINING and ev.now > rec.deadline + DRAIN_BACKSTOP:
+                # The generation kills its own workers at graceful_timeout; this is the backstop,
+                # once: the reap of the killed generation ends its record.
+                rec.deadline = NEVER
                 actions.append(KillGeneration(rec.id))
                 actions.append(
                     Log(
@@ -592,4 +684,4 @@ class MasterPolicy:
         ):
             self.respawn_at = None
             actions += self._spawn(ev.now)
-        return actions
+        return actions + self._reexec_due()

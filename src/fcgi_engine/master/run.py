@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 import socket
 import sys
 
 from fcgi_engine.config.address import AddressError, UnixAddress, parse_address
-from fcgi_engine.config.generation import resolve_allowed_addrs
-from fcgi_engine.config.settings import IdentityError, ServerConfig, run_as
-from fcgi_engine.master.loop import REEXEC_ENV, MasterLoop
+from fcgi_engine.config.settings import IdentityError, ServerConfig, resolve_allowed_addrs, run_as
+from fcgi_engine.master.loop import REEXEC_ENV, MasterLoop, ReexecState
 from fcgi_engine.system import pidfile as pidfiles
 from fcgi_engine.system import sockets
 
@@ -88,7 +86,8 @@ def open_listener(cfg: ServerConfig, inherit_fd0: bool) -> tuple[socket.socket, 
         os.close(null)
         return moved, None
     try:
-        address = parse_address(cfg.socket)
+        # Port 0: any free port; the log line and the status say which one.
+        address = parse_address(cfg.socket, any_port=True)
         return sockets.bind(address, cfg.socket_mode, _owner(cfg)), (
             os.path.abspath(address.path) if isinstance(address, UnixAddress) else None
         )
@@ -100,7 +99,7 @@ def serve(cfg: ServerConfig, *, inherit_fd0: bool = False, daemon: bool = False)
     """Run the master until it stops; returns the exit code."""
     adopted = os.environ.pop(REEXEC_ENV, None)
     if adopted:
-        return _serve_adopted(cfg, json.loads(adopted))
+        return _serve_adopted(cfg, ReexecState.from_json(adopted))
     ready_fd = -1
     if daemon:
         ready_fd = _daemonize(cfg)
@@ -128,8 +127,9 @@ def serve(cfg: ServerConfig, *, inherit_fd0: bool = False, daemon: bool = False)
     where = unix_path or sockets.describe(listener)
     log.info("%s: master %d listening on %s", cfg.name, os.getpid(), where)
     _log_peer_policy(cfg, listener)
-    loop = MasterLoop(cfg, listener, control_sock=control_sock, ready_fd=ready_fd)
-    loop.unix_path = unix_path
+    loop = MasterLoop(
+        cfg, listener, control_sock=control_sock, ready_fd=ready_fd, unix_path=unix_path
+    )
     try:
         return loop.run()
     finally:
@@ -190,18 +190,15 @@ def _log_peer_policy(cfg: ServerConfig, listener: socket.socket) -> None:
         )
 
 
-def _serve_adopted(cfg: ServerConfig, state: dict[str, object]) -> int:
+def _serve_adopted(cfg: ServerConfig, state: ReexecState) -> int:
     setup_logging(cfg)
-    listener = socket.socket(fileno=int(state["listen"]))  # type: ignore[call-overload]
-    control_fd = int(state["control"])  # type: ignore[call-overload]
-    control_sock = socket.socket(fileno=control_fd) if control_fd >= 0 else None
+    listener = socket.socket(fileno=state.listen)
+    control_sock = socket.socket(fileno=state.control) if state.control >= 0 else None
     if control_sock is not None:
         control_sock.set_inheritable(False)
-    unix_path = state.get("unix_path")
-    assert unix_path is None or isinstance(unix_path, str)
+    unix_path = state.unix_path
     identity = sockets.unix_socket_identity(unix_path) if unix_path else None
-    loop = MasterLoop(cfg, listener, control_sock=control_sock)
-    loop.unix_path = unix_path
+    loop = MasterLoop(cfg, listener, control_sock=control_sock, unix_path=unix_path)
     try:
         return loop.run(adopted=state)
     finally:

@@ -13,15 +13,33 @@ import struct
 from dataclasses import dataclass
 
 PATH_BYTES = 120
-# One slot: pid, then the fields a request changes, then the path.
-_PID = struct.Struct("=i")
-_BUSY = struct.Struct("=Bd")  # busy, started (wall clock)
-_DONE = struct.Struct("=BdQd")  # busy, started, requests, heartbeat
-_HEARTBEAT = struct.Struct("=d")
-_SLOT = struct.Struct(f"=iBdQd{PATH_BYTES}s")
-_BUSY_AT = _PID.size
-_HEARTBEAT_AT = _PID.size + struct.calcsize("=BdQ")
-_PATH_AT = _SLOT.size - PATH_BYTES
+# One slot, in order: (field, struct code). Standard sizes, no padding ("="), so each offset is
+# the size of the fields before it. pid first; the fields a request changes are contiguous
+# (busy .. heartbeat), so begin() and end() each write them with one pack.
+SLOT_LAYOUT = (
+    ("pid", "i"),
+    ("busy", "B"),
+    ("started", "d"),  # when the current request started (wall clock)
+    ("requests", "Q"),  # requests served
+    ("heartbeat", "d"),  # monotonic clock
+    ("path", f"{PATH_BYTES}s"),  # the current request's path, NUL-padded
+)
+_NAMES = [name for name, _code in SLOT_LAYOUT]
+
+
+def _fields(first: str, last: str) -> tuple[struct.Struct, int]:
+    """The Struct of the fields `first` to `last` of SLOT_LAYOUT, and its offset in a slot."""
+    i, j = _NAMES.index(first), _NAMES.index(last) + 1
+    offset = struct.calcsize("=" + "".join(code for _name, code in SLOT_LAYOUT[:i]))
+    return struct.Struct("=" + "".join(code for _name, code in SLOT_LAYOUT[i:j])), offset
+
+
+_SLOT, _ = _fields("pid", "path")
+_PID, _PID_AT = _fields("pid", "pid")
+_BUSY, _BUSY_AT = _fields("busy", "started")  # what begin() sets
+_DONE, _DONE_AT = _fields("busy", "heartbeat")  # what end() sets
+_HEARTBEAT, _HEARTBEAT_AT = _fields("heartbeat", "heartbeat")
+_PATH, _PATH_AT = _fields("path", "path")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,16 +61,16 @@ class Scoreboard:
         _SLOT.pack_into(self._map, slot * _SLOT.size, pid, 0, 0.0, 0, now, b"")
 
     def set_pid(self, slot: int, pid: int) -> None:
-        _PID.pack_into(self._map, slot * _SLOT.size, pid)
+        _PID.pack_into(self._map, slot * _SLOT.size + _PID_AT, pid)
 
     def begin(self, slot: int, now: float, path: str) -> None:
         offset = slot * _SLOT.size
         _BUSY.pack_into(self._map, offset + _BUSY_AT, 1, now)
-        raw = path.encode("latin-1", "replace")[:PATH_BYTES]
-        self._map[offset + _PATH_AT : offset + _SLOT.size] = raw.ljust(PATH_BYTES, b"\0")
+        # "120s" truncates a longer path and pads a shorter one with NULs.
+        _PATH.pack_into(self._map, offset + _PATH_AT, path.encode("latin-1", "replace"))
 
     def end(self, slot: int, requests: int, heartbeat: float) -> None:
-        _DONE.pack_into(self._map, slot * _SLOT.size + _BUSY_AT, 0, 0.0, requests, heartbeat)
+        _DONE.pack_into(self._map, slot * _SLOT.size + _DONE_AT, 0, 0.0, requests, heartbeat)
 
     def heartbeat(self, slot: int, now: float) -> None:
         _HEARTBEAT.pack_into(self._map, slot * _SLOT.size + _HEARTBEAT_AT, now)

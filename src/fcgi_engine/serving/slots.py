@@ -3,11 +3,14 @@
 A slot is one place for a worker. When its worker dies, these rules say how soon it is
 replaced: at once when the worker had served or was killed from outside (an OOM killer, an
 operator), with a growing back-off only when it keeps dying young on its own (a crash loop), and
-never so that a healthy generation is left with no worker at all.
+never so that a healthy generation is left with no worker at all. They also say which slots a
+resize retires or adds, and what a drain does as its deadline passes.
 """
 
 from __future__ import annotations
 
+import enum
+import math
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +24,8 @@ CRASH_MAX = 5.0
 KILLED_MAX = 1.0
 # Even an empty pool is not refilled faster than this (a fork storm helps nobody).
 MIN_SPAWN_INTERVAL = 0.1
+# The most workers one generation runs (the scoreboard has a row for each).
+MAX_WORKERS = 256
 # Signals a process raises against itself when it crashes; any other signal came from outside.
 _CRASH_SIGNALS = frozenset(
     int(s) for s in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL)
@@ -77,10 +82,6 @@ def after_death(slot: Slot, death: Death, now: float) -> float:
     return delay
 
 
-def _backoff(failures: int, most: float) -> float:
-    return 0.0 if failures <= 1 else min(BACKOFF_BASE * 2 ** (failures - 1), most)
-
-
 def due(slots: Sequence[Slot], now: float, last_spawn: float) -> list[Slot]:
     """The slots whose worker should be started now.
 
@@ -95,3 +96,59 @@ def due(slots: Sequence[Slot], now: float, last_spawn: float) -> list[Slot]:
         if healthy:
             ready = [min(healthy, key=lambda s: s.respawn_at)]
     return ready
+
+
+def resize(slots: list[Slot], target: int) -> list[Slot]:
+    """Make `target` slots (1 to MAX_WORKERS) live: retire the newest live ones past it, bring
+    retired ones back, then add new ones. Returns the slots just retired, whose workers are to
+    be stopped. A slot brought back or added has no worker; `due` starts it."""
+    target = max(1, min(target, MAX_WORKERS))
+    live = [s for s in slots if not s.retired]
+    retired = []
+    while len(live) > target:
+        slot = live.pop()
+        slot.retired = True
+        retired.append(slot)
+    for slot in slots:
+        if len(live) >= target:
+            break
+        if slot.retired and slot not in retired:
+            slot.retired = False
+            slot.respawn_at = 0.0
+            live.append(slot)
+    while len(live) < target:
+        slot = Slot(len(slots))
+        slots.append(slot)
+        live.append(slot)
+    return retired
+
+
+class State(enum.Enum):
+    """What a generation is doing with its workers."""
+
+    SERVING = "serving"  # replace workers that die, kill stuck ones
+    DRAINING = "draining"  # workers finish their requests; none is replaced
+    STOPPING = "stopping"  # workers were told to quit at once
+
+
+class DrainStep(enum.Enum):
+    DONE = "done"  # no worker left: the generation exits
+    WAIT = "wait"  # workers still finishing, within the deadline
+    KILL = "kill"  # the deadline passed: kill the workers left (once)
+
+
+@dataclass
+class Drain:
+    """A drain under way: workers have until `deadline`; past it they are killed, once."""
+
+    deadline: float = math.inf
+    killed: bool = False
+
+
+def drain_step(drain: Drain, now: float, workers_left: int) -> DrainStep:
+    if not workers_left:
+        return DrainStep.DONE
+    if drain.killed or now <= drain.deadline:
+        return DrainStep.WAIT
+    drain.killed = True
+    return DrainStep.KILL

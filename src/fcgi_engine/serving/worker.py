@@ -12,10 +12,15 @@ connections: it serves only its private proof connection until the generation te
 live (SIGUSR2). Draining stops accepting, finishes the request in hand, and passes every idle
 keep-alive connection to the next generation through the hand-off socket instead of closing it
 under the web server's feet.
+
+Beside it: handoff.py (the hand-off message and its SCM_RIGHTS transfer), access_log.py (the
+access log), wsgi.py (one request through the app), body.py and environ.py (what the app is
+given), scoreboard.py (what the generation sees of its workers).
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import logging
 import os
@@ -42,11 +47,21 @@ from fcgi_engine.protocol import (
     StdinData,
     StdinEnd,
 )
+from fcgi_engine.serving.access_log import AccessLog
 from fcgi_engine.serving.body import EMPTY_BODY, ClientDisconnected, InputStream, SpooledBody
 from fcgi_engine.serving.environ import build_environ
+from fcgi_engine.serving.handoff import decode_handoff as decode_handoff  # for test_protocol
+from fcgi_engine.serving.handoff import encode_handoff as encode_handoff  # for test_protocol
+from fcgi_engine.serving.handoff import receive_connection, send_connection
 from fcgi_engine.serving.loader import WSGIApp
 from fcgi_engine.serving.scoreboard import Scoreboard
-from fcgi_engine.serving.wsgi import FileWrapper, ResponseCutOff, run_app, simple_response
+from fcgi_engine.serving.wsgi import (
+    ErrorStream,
+    FileWrapper,
+    ResponseCutOff,
+    run_app,
+    simple_response,
+)
 from fcgi_engine.system.wakeup import WakeupPipe
 
 log = logging.getLogger("fcgi_engine.worker")
@@ -65,13 +80,26 @@ LOG_INTERVAL = 10.0
 _EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 0)
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
-# What a connection is waiting for; each phase but PRIVATE has a deadline.
-_NONE = 0  # nothing decided yet
-_PARAMS = 1  # the rest of a request's params (from its first byte, or from the accept)
-_BODY = 2  # the rest of a request's body
-_IDLE = 3  # the next request on a kept-alive connection
-_LINGER = 4  # the end of a request nobody will read, before closing
-_PRIVATE = 5  # the generation's proof connection: never expires
+
+class Phase(enum.IntEnum):
+    """What a connection is waiting for; each phase but PRIVATE has a deadline."""
+
+    NONE = 0  # nothing decided yet
+    PARAMS = 1  # the rest of a request's params (from its first byte, or from the accept)
+    BODY = 2  # the rest of a request's body
+    IDLE = 3  # the next request on a kept-alive connection
+    LINGER = 4  # the end of a request nobody will read, before closing
+    PRIVATE = 5  # the generation's proof connection: never expires
+
+
+# The request path compares phases several times per request, and on Python 3.11 each
+# `Phase.X` is a lookup through the enum's metaclass (about 60 ns); module names cost nothing.
+_NONE = Phase.NONE
+_PARAMS = Phase.PARAMS
+_BODY = Phase.BODY
+_IDLE = Phase.IDLE
+_LINGER = Phase.LINGER
+_PRIVATE = Phase.PRIVATE
 
 
 @dataclass(frozen=True)
@@ -179,24 +207,6 @@ def describe_peer(sock: socket.socket, address: Any) -> str:
         return "unix peer"
 
 
-class ErrorStream:
-    """wsgi.errors: text the app writes goes to the error log, a line at a time."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-
-    def write(self, text: str) -> int:
-        self._stream.write(text)
-        return len(text)
-
-    def writelines(self, lines: list[str]) -> None:
-        for line in lines:
-            self.write(line)
-
-    def flush(self) -> None:
-        self._stream.flush()
-
-
 class Worker:
     def __init__(
         self,
@@ -239,37 +249,28 @@ class Worker:
         self._wakeup = WakeupPipe()
         self._family = int(listener.family)
         self._throttled = _Throttled()
-        # Opened by the generation (as the app's user, where a failure is reported as the
-        # rollout's error); a worker on its own opens it here.
-        self._access_fd = access_fd
+        # The access log the generation opened (access_fd), else the configured file opened
+        # here; None when there is none.
+        self.access_log = (
+            AccessLog(options.access_log, access_fd)
+            if access_fd >= 0 or options.access_log
+            else None
+        )
         self._reopen_logs = False
-        if access_fd < 0:
-            self._open_access_log()
-
-    def _open_access_log(self) -> None:
-        path = self.options.access_log
-        if not path:
-            return
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        if self._access_fd >= 0:
-            os.close(self._access_fd)
-        self._access_fd = fd
-
-    def _log_access(self, environ: dict[str, Any], status: bytes, size: int, began: float) -> None:
-        uri = environ.get("REQUEST_URI") or (
-            environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        # With an access log the sink also counts the status and size, and writes the line;
+        # without one, nothing on the request path counts.
+        self._logged_sink = (
+            _LoggedResponseSink(options.send_timeout, self.access_log)
+            if self.access_log is not None
+            else None
         )
-        when = time.strftime("%d/%b/%Y:%H:%M:%S %z")
-        took = (time.monotonic() - began) * 1000
-        line = (
-            f"{environ.get('REMOTE_ADDR', '-')} - - [{when}] "
-            f'"{environ.get("REQUEST_METHOD", "-")} {uri} {environ.get("SERVER_PROTOCOL", "-")}" '
-            f"{status.decode('latin-1') or '-'} {size} {took:.1f}ms\n"
-        )
-        try:
-            os.write(self._access_fd, line.encode("latin-1", "replace"))
-        except OSError as exc:
-            log.error("cannot write the access log: %s", exc)
+        self._sink = self._logged_sink or _ResponseSink(options.send_timeout)
+
+    def close(self) -> None:
+        """Release the epoll set and the wake-up pipe. A worker process never needs this (it
+        exits after run()); a worker run inside another process, as in the tests, does."""
+        self._epoll.close()
+        self._wakeup.close()
 
     # ------------------------------------------------------------ signals
 
@@ -368,7 +369,8 @@ class Worker:
         if self._reopen_logs:
             self._reopen_logs = False
             try:
-                self._open_access_log()
+                if self.access_log is not None:
+                    self.access_log.reopen()
             except OSError as exc:
                 log.error("cannot reopen the access log: %s", exc)
         # The parent-death signal (HUP) normally tells us; this is the fallback. Either way the
@@ -460,19 +462,18 @@ class Worker:
         # keep-alive connections spreads over the new workers instead of piling on one.
         assert self.handoff_recv is not None
         try:
-            message, fds, flags, _addr = socket.recv_fds(self.handoff_recv, RECV_SIZE, 1)
-        except (BlockingIOError, InterruptedError):
-            return
+            handed = receive_connection(self.handoff_recv)
         except OSError as exc:
             if exc.errno in _RESOURCE_ERRORS:
                 self._out_of_resources(f"receiving a handed-over connection failed: {exc}")
             return
-        if flags & socket.MSG_CTRUNC:
+        if handed is None:
+            return
+        if handed.sock is None:
             # The kernel could not give us the descriptor (we are at our limit).
             self._out_of_resources("a handed-over connection was lost: no file descriptor left")
-        if fds:
-            ended, leftover = decode_handoff(message)
-            self._adopt(socket.socket(fileno=fds[0]), leftover, ended)
+            return
+        self._adopt(handed.sock, handed.leftover, handed.ended)
 
     def _adopt(
         self,
@@ -481,7 +482,7 @@ class Worker:
         ended: Iterable[int] = (),
         *,
         peer: Any = None,
-        phase: int = _NONE,
+        phase: Phase = _NONE,
     ) -> None:
         sock.setblocking(False)
         conn = _Conn(sock, Connection(self.options.limits, ended), peer)
@@ -537,10 +538,8 @@ class Worker:
 
     def _pass_on(self, conn: _Conn) -> None:
         assert self.handoff_send is not None
-        self.handoff_send.settimeout(5.0)
         try:
-            message = encode_handoff(conn.proto.ended_ids, conn.proto.leftover)
-            socket.send_fds(self.handoff_send, [message], [conn.fd])
+            send_connection(self.handoff_send, conn.fd, conn.proto.ended_ids, conn.proto.leftover)
         except OSError as exc:
             log.warning("could not hand a connection over (%s); serving it to the end", exc)
             return
@@ -822,37 +821,8 @@ class Worker:
 
     def _handle(self, conn: _Conn, event: RequestReady, body: SpooledBody | None) -> bool:
         """Run one complete request through the app. False when the connection was closed."""
-        proto = conn.proto
-        sock = conn.sock
-        rid = event.request_id
-        timeout = self.options.send_timeout
-
-        def send_stdout(data: bytes) -> None:
-            send_all(sock, proto.stdout(rid, data), timeout)
-
-        def finish(data: bytes) -> None:
-            out = (
-                proto.stdout(rid, data) + proto.end_request(rid) if data else proto.end_request(rid)
-            )
-            send_all(sock, out, timeout)
-
-        if self._access_fd >= 0:
-            sent = _Tally()
-            plain_send, plain_finish = send_stdout, finish
-
-            def note(data: bytes) -> None:
-                if not sent.status and data[:8] == b"Status: ":
-                    sent.status = bytes(data[8:11])
-                sent.size += len(data)
-
-            def send_stdout(data: bytes) -> None:
-                note(data)
-                plain_send(data)
-
-            def finish(data: bytes) -> None:
-                note(data)
-                plain_finish(data)
-
+        sink = self._sink
+        sink.start(conn.sock, conn.proto, event.request_id)
         stream = InputStream(body.reader() if body is not None else EMPTY_BODY)
         environ = build_environ(event.params, stream, self.errors, self.options.script_name)
         environ["wsgi.file_wrapper"] = FileWrapper
@@ -862,7 +832,7 @@ class Worker:
             board.begin(self.slot, time.time(), environ["PATH_INFO"])
         self.requests += 1
         try:
-            run_app(self.app, environ, send_stdout, finish)
+            run_app(self.app, environ, sink.send, sink.finish)
         except ClientDisconnected as exc:
             log.info("client went away on %s: %s", environ.get("PATH_INFO"), exc)
             self._close(conn)
@@ -873,31 +843,76 @@ class Worker:
         finally:
             if board is not None:
                 board.end(self.slot, self.requests, time.monotonic())
-            if self._access_fd >= 0:
-                self._log_access(environ, sent.status, sent.size, began)
+            if self._logged_sink is not None:
+                self._logged_sink.log_request(environ, began)
         return True
 
 
-class _Tally:
-    """What the access log needs of a response: its status and size."""
+class _ResponseSink:
+    """Where the app's response goes: STDOUT records of the request being served, then its
+    END_REQUEST. Every response, whether or not an access log is on, is written here.
 
-    __slots__ = ("status", "size")
+    A worker serves one request at a time, so it keeps one sink and start() points it at each
+    request in turn: nothing is built per request but the two bound methods run_app gets.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("sock", "proto", "request_id", "timeout")
+    sock: socket.socket
+    proto: Connection
+    request_id: int
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+
+    def start(self, sock: socket.socket, proto: Connection, request_id: int) -> None:
+        self.sock = sock
+        self.proto = proto
+        self.request_id = request_id
+
+    def send(self, data: bytes) -> None:
+        """Send part of the response now."""
+        send_all(self.sock, self.proto.stdout(self.request_id, data), self.timeout)
+
+    def finish(self, data: bytes) -> None:
+        """Send the last of the response and end the request, in one send."""
+        proto = self.proto
+        rid = self.request_id
+        out = proto.stdout(rid, data) + proto.end_request(rid) if data else proto.end_request(rid)
+        send_all(self.sock, out, self.timeout)
+
+
+class _LoggedResponseSink(_ResponseSink):
+    """A sink that also notes what the access log needs of a response (its status and size)
+    and writes the request's line. A separate class so that without an access log the request
+    path does not pay for the counting."""
+
+    __slots__ = ("access_log", "status", "size")
+
+    def __init__(self, timeout: float, access_log: AccessLog) -> None:
+        super().__init__(timeout)
+        self.access_log = access_log
         self.status = b""
         self.size = 0
 
+    def start(self, sock: socket.socket, proto: Connection, request_id: int) -> None:
+        super().start(sock, proto, request_id)
+        self.status = b""
+        self.size = 0
 
-def encode_handoff(ended: list[int], leftover: bytes) -> bytes:
-    """What travels with a handed-over connection: the request ids it already ended (their late
-    records must still be ignored) and the bytes received but not parsed yet."""
-    ended = ended[-255:]
-    return bytes([len(ended)]) + b"".join(i.to_bytes(2, "big") for i in ended) + leftover
+    def send(self, data: bytes) -> None:
+        self._count(data)
+        super().send(data)
 
+    def finish(self, data: bytes) -> None:
+        self._count(data)
+        super().finish(data)
 
-def decode_handoff(message: bytes) -> tuple[list[int], bytes]:
-    if not message:
-        return [], b""
-    count = message[0]
-    ids = [int.from_bytes(message[1 + 2 * i : 3 + 2 * i], "big") for i in range(count)]
-    return ids, message[1 + 2 * count :]
+    def _count(self, data: bytes) -> None:
+        if not self.size:
+            # The first bytes are the CGI head, "Status: NNN reason" (a memoryview when the
+            # head came with a body large enough to go out in slices).
+            self.status = bytes(data[8:11])
+        self.size += len(data)
+
+    def log_request(self, environ: dict[str, Any], began: float) -> None:
+        self.access_log.write(environ, self.status, self.size, began)

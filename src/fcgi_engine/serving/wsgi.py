@@ -8,7 +8,7 @@ import re
 import sys
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, TextIO
 
 from fcgi_engine.serving.body import BodyTooLarge, ClientDisconnected
 from fcgi_engine.serving.loader import WSGIApp
@@ -241,3 +241,21 @@ class FileWrapper:
         if data:
             return data
         raise StopIteration
+
+
+class ErrorStream:
+    """wsgi.errors: text the app writes goes to the error log, a line at a time."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(text)
+        return len(text)
+
+    def writelines(self, lines: list[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        self._stream.flush()

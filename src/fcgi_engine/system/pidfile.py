@@ -83,8 +83,8 @@ def describe_uid(uid: int) -> str:
         return f"uid {uid}"
 
 
-def remove_pidfile(path: str, pid: int) -> None:
-    """Remove `path` only if it still names `pid`."""
+def remove_pidfile(path: str, pid: int | None) -> None:
+    """Remove `path` only if it still names `pid` (None: only if it is still unreadable)."""
     if read_pidfile(path) == pid:
         try:
             os.unlink(path)

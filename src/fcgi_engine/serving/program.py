@@ -1,18 +1,16 @@
-"""A generation of any FastCGI program (`command:`): php-cgi, a Perl FCGI script, a C responder.
+"""The FastCGI program worker kind (`command:`): php-cgi, a Perl FCGI script, a C responder.
 
 Each of `nproc` processes gets the listening socket as fd 0, the FastCGI way. A foreign program
 accepts as soon as it starts, so the release is proven first by one more instance on a private
 socket of its own (it must stay up and, with `health`, answer 2xx there); only then are the
 workers started on the shared socket. A foreign program cannot be told to stop accepting, so a
-drain waits for each process to hold no connection of
-ours (read from /proc) and only then sends it SIGTERM: the program is stopped between requests,
-never in the middle of one. The new generation already accepts on the same socket, so nothing
-waiting in the backlog is lost.
+drain waits for each process to hold no connection of ours (read from /proc) and only then
+sends it SIGTERM: the program is stopped between requests, never in the middle of one. The new
+generation already accepts on the same socket, so nothing waiting in the backlog is lost.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import signal
@@ -20,13 +18,14 @@ import socket
 import sys
 import tempfile
 import time
-from typing import NoReturn
+from collections.abc import Sequence
 
+from fcgi_engine.channel import WorkerInfo
+from fcgi_engine.client import ClientError, request
 from fcgi_engine.config.address import TcpAddress, UnixAddress, parse_address
-from fcgi_engine.config.generation import GenerationConfig
-from fcgi_engine.serving.generation import Generation, _Slot
-
-log = logging.getLogger("fcgi_engine.generation")
+from fcgi_engine.config.boot import BootSpec
+from fcgi_engine.serving.kind import BootFailed
+from fcgi_engine.serving.slots import Slot
 
 
 def _accepted_unix_inodes(path: str) -> set[str]:
@@ -75,10 +74,17 @@ def _socket_inodes(pid: int) -> set[str]:
     return inodes
 
 
-class CommandGeneration(Generation):
-    def __init__(self, cfg: GenerationConfig, channel: socket.socket) -> None:
-        super().__init__(None, cfg, channel)  # type: ignore[arg-type]
-        self.address = parse_address(cfg.address) if cfg.address else None
+class ProgramWorkers:
+    proves_each_worker = False
+
+    def __init__(self, spec: BootSpec) -> None:
+        self.command = spec.command
+        self.label = spec.command[0]
+        self.health = spec.server.health
+        self.listen_fd = spec.listen_fd
+        self.address = parse_address(spec.server.socket) if spec.server.socket else None
+        # A program that cannot start dies at once: a boot waits this long to see that.
+        self.settle_seconds = min(0.5, spec.server.boot_timeout / 2)
         self.terminated: set[int] = set()
 
     def _connection_inodes(self) -> set[str]:
@@ -88,26 +94,13 @@ class CommandGeneration(Generation):
             return _accepted_tcp_inodes(self.address.port)
         return set()
 
-    def busy_pids(self) -> set[int]:
+    def busy_pids(self, slots: Sequence[Slot]) -> set[int]:
         ours = self._connection_inodes()
         if not ours:
             return set()
-        return {s.pid for s in self.slots if s.pid and _socket_inodes(s.pid) & ours}
+        return {s.pid for s in slots if s.pid and _socket_inodes(s.pid) & ours}
 
-    def status(self) -> list[dict[str, object]]:
-        busy = self.busy_pids()
-        return [
-            {
-                "pid": s.pid,
-                "state": "busy" if s.pid in busy else "idle",
-                "requests": 0,
-                "started": s.started,
-            }
-            for s in self.slots
-            if s.pid
-        ]
-
-    def _start(self, listen_fd: int) -> int:
+    def _exec(self, listen_fd: int) -> int:
         """Fork and exec the program with `listen_fd` as its fd 0; its pid."""
         pid = os.fork()
         if pid == 0:
@@ -129,24 +122,17 @@ class CommandGeneration(Generation):
                 os.dup2(null, 1)
                 os.close(null)
                 os.closerange(3, 65536)
-                os.execvp(self.cfg.command[0], self.cfg.command)
+                os.execvp(self.command[0], self.command)
             except BaseException as exc:  # noqa: BLE001 - report and leave
-                print(f"cannot exec {self.cfg.command[0]}: {exc}", file=sys.stderr, flush=True)
+                print(f"cannot exec {self.command[0]}: {exc}", file=sys.stderr, flush=True)
             os._exit(127)
         return pid
 
-    def spawn(self, slot: _Slot, private: socket.socket | None = None) -> None:
-        slot.pid = self._start(self.listener.fileno())
-        slot.started = self.last_spawn = time.monotonic()
+    # ------------------------------------------------------------ starting and proving
 
-    def _fail(self, error: str) -> NoReturn:
-        self.report(event="failed", error=error)
-        self.stop_workers(signal.SIGKILL)
-        raise SystemExit(1)
-
-    def _prove(self, deadline: float) -> None:
+    def prove_release(self, deadline: float) -> None:
         """Run one instance on a private socket, where no live request can reach it, and check
-        it there; report the failure and exit when it does not hold up."""
+        it there. Raises BootFailed when it does not hold up."""
         directory = tempfile.mkdtemp(prefix="fcgi-engine-proof-")
         path = os.path.join(directory, "proof.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -154,29 +140,25 @@ class CommandGeneration(Generation):
         try:
             listener.bind(path)
             listener.listen(16)
-            pid = self._start(listener.fileno())
-            # A program that cannot start dies at once: give it a moment to show that.
-            settle = time.monotonic() + min(0.5, self.cfg.boot_timeout / 2)
+            pid = self._exec(listener.fileno())
+            settle = time.monotonic() + self.settle_seconds
             while time.monotonic() < settle:
                 done, status = os.waitpid(pid, os.WNOHANG)
                 if done:
                     pid = 0
                     code = os.waitstatus_to_exitcode(status)
-                    self._fail(f"{self.cfg.command[0]} exited with status {code} at start")
+                    raise BootFailed(f"{self.command[0]} exited with status {code} at start")
                 time.sleep(0.02)
-            if self.cfg.health:
-                from fcgi_engine.client import ClientError, request
-
+            if self.health:
                 try:
                     response = request(
-                        path, self.cfg.health, timeout=max(0.1, deadline - time.monotonic())
+                        path, self.health, timeout=max(0.1, deadline - time.monotonic())
                     )
                 except ClientError as exc:
-                    self._fail(f"health check {self.cfg.health}: {exc}")
+                    raise BootFailed(f"health check {self.health}: {exc}") from None
                 if not 200 <= response.status < 300:
-                    self._fail(
-                        f"health check {self.cfg.health} answered "
-                        f"{response.status} {response.reason}"
+                    raise BootFailed(
+                        f"health check {self.health} answered {response.status} {response.reason}"
                     )
         finally:
             if pid:
@@ -188,41 +170,57 @@ class CommandGeneration(Generation):
             listener.close()
             shutil.rmtree(directory, ignore_errors=True)
 
-    def boot(self) -> None:
-        deadline = time.monotonic() + self.cfg.boot_timeout
-        self._prove(deadline)
-        self.proven = True
-        for index in range(self.cfg.nproc):
-            slot = _Slot(index)
-            self.slots.append(slot)
-            self.spawn(slot)
-        # The same program just proved itself; one that dies at once now still fails the boot.
-        settle = time.monotonic() + min(0.5, self.cfg.boot_timeout / 2)
-        while time.monotonic() < settle:
-            for slot in self.slots:
-                pid, status = os.waitpid(slot.pid, os.WNOHANG)
-                if pid:
-                    slot.pid = 0
-                    code = os.waitstatus_to_exitcode(status)
-                    self._fail(f"{self.cfg.command[0]} exited with status {code} at start")
-            time.sleep(0.02)
-        self.report(event="ready", pids=[s.pid for s in self.slots], workers=self.status())
+    def start(self, slot: Slot, *, live: bool, private: socket.socket | None) -> int:
+        # Proven before it starts (prove_release): a program is live from its first accept.
+        return self._exec(self.listen_fd)
 
-    def stop_workers(self, sig: int) -> None:
-        # A foreign program knows TERM and KILL; QUIT may dump core.
-        super().stop_workers(signal.SIGTERM if sig == signal.SIGQUIT else sig)
+    def prove_worker(self, slot: Slot, private: socket.socket, deadline: float) -> None:
+        """The release was proven as a whole."""
 
-    def _begin_drain(self, worker_signal: int, now: float, timeout: float) -> None:
-        self.mode = "draining"
-        self.drain_deadline = now + timeout
-        self._drain_tick()
+    def go_live(self, slots: Sequence[Slot]) -> None:
+        """Programs accept as soon as they start."""
 
-    def _drain_tick(self) -> None:
-        busy = self.busy_pids()
-        for slot in self.slots:
+    # ------------------------------------------------------------ stopping
+
+    def signal_for(self, signum: int) -> int | None:
+        # A foreign program knows TERM and KILL; QUIT may dump core, and USR1 (our log reopen)
+        # would kill most of them: their output goes to our stderr, which the master reopens.
+        if signum == signal.SIGQUIT:
+            return signal.SIGTERM
+        if signum == signal.SIGUSR1:
+            return None
+        return signum
+
+    def begin_drain(self, slots: Sequence[Slot], signum: int) -> None:
+        self.drain_step(slots)
+
+    def drain_step(self, slots: Sequence[Slot]) -> None:
+        """Stop each program that holds no connection of ours: between requests."""
+        busy = self.busy_pids(slots)
+        for slot in slots:
             if slot.pid and slot.pid not in busy and slot.pid not in self.terminated:
                 self.terminated.add(slot.pid)
                 try:
                     os.kill(slot.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
+
+    # ------------------------------------------------------------ watching
+
+    def exited(self, slot: Slot) -> int:
+        self.terminated.discard(slot.pid)
+        return 0
+
+    def stuck(self, slots: Sequence[Slot], now: float) -> list[tuple[Slot, str]]:
+        """A foreign program reports no progress; `timeout` does not apply to it."""
+        return []
+
+    def status(self, slots: Sequence[Slot]) -> list[WorkerInfo]:
+        busy = self.busy_pids(slots)
+        return [
+            WorkerInfo(
+                pid=s.pid, state="busy" if s.pid in busy else "idle", requests=0, started=s.started
+            )
+            for s in slots
+            if s.pid
+        ]

@@ -1,0 +1,246 @@
+"""The Python worker kind: WSGI workers forked from the generation that imported the app once.
+
+Each worker is proven over a private connection (the `health` path, else GET_VALUES) before any
+of them takes a live request; then each is told to go live (SIGUSR2). A shared-memory
+scoreboard tells the generation which worker is busy, on what, since when, and whether it still
+makes progress (its heartbeat).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+
+from fcgi_engine.channel import WorkerInfo
+from fcgi_engine.client import ClientError, get_values, request
+from fcgi_engine.config.address import AllowList
+from fcgi_engine.config.boot import BootSpec
+from fcgi_engine.protocol import Limits
+from fcgi_engine.serving.kind import BootFailed
+from fcgi_engine.serving.loader import WSGIApp
+from fcgi_engine.serving.scoreboard import Scoreboard
+from fcgi_engine.serving.slots import MAX_WORKERS, Slot
+from fcgi_engine.serving.worker import Worker, WorkerOptions
+
+log = logging.getLogger("fcgi_engine.generation")
+
+
+def open_access_log(path: str | None) -> int:
+    """The access log's fd (-1 without one), opened here, as the app's user, so that a failure
+    is the rollout's error rather than every worker's."""
+    if not path:
+        return -1
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+
+
+class PythonWorkers:
+    label = "worker"
+    proves_each_worker = True
+    settle_seconds = 0.0
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        spec: BootSpec,
+        *,
+        access_fd: int = -1,
+        after_fork: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.app = app
+        self.spec = spec
+        self.server = spec.server
+        self.access_fd = access_fd
+        # Closes, in a new worker, what only the generation may use (its channel, its wake-up).
+        self.after_fork = after_fork
+        self.listener = socket.socket(fileno=spec.listen_fd)
+        self.handoff_send = (
+            socket.socket(fileno=spec.handoff_send_fd) if spec.handoff_send_fd >= 0 else None
+        )
+        self.handoff_recv = (
+            socket.socket(fileno=spec.handoff_recv_fd) if spec.handoff_recv_fd >= 0 else None
+        )
+        self.board = Scoreboard(MAX_WORKERS)
+        allowed = AllowList(spec.allowed_addrs)
+        cfg = self.server
+        self.options = WorkerOptions(
+            limits=Limits(
+                max_params_size=cfg.max_params_size, max_conns=spec.nproc, max_reqs=spec.nproc
+            ),
+            max_body_size=cfg.max_body_size,
+            max_requests=cfg.max_requests,
+            script_name=cfg.script_name,
+            allowed=None if allowed.allows_any else allowed,
+            access_log=cfg.access_log,
+            params_timeout=cfg.params_timeout,
+            body_timeout=cfg.body_timeout,
+            body_min_rate=cfg.body_min_rate,
+            idle_timeout=cfg.idle_timeout,
+            send_timeout=cfg.send_timeout,
+            worker_connections=cfg.worker_connections,
+            body_buffer_size=cfg.body_buffer_size,
+        )
+
+    # ------------------------------------------------------------ starting and proving
+
+    def prove_release(self, deadline: float) -> None:
+        """Each worker is proven on its own."""
+
+    def start(self, slot: Slot, *, live: bool, private: socket.socket | None) -> int:
+        self.board.reset(slot.index, 0, time.monotonic())
+        options = self.options
+        jitter = self.server.max_requests_jitter
+        if options.max_requests and jitter:
+            options = dataclasses.replace(
+                options, max_requests=options.max_requests + random.randint(0, jitter)
+            )
+        pid = os.fork()
+        if pid == 0:
+            self._become_worker(slot, options, live, private)
+        self.board.set_pid(slot.index, pid)
+        return pid
+
+    def _become_worker(
+        self, slot: Slot, options: WorkerOptions, live: bool, private: socket.socket | None
+    ) -> None:
+        code = 0
+        try:
+            # A generation that dies (killed from outside) leaves its workers to drain with
+            # hand-off, as in a rollout: the master boots the next one at once.
+            _set_parent_death_signal(signal.SIGHUP)
+            self.after_fork()
+            worker = Worker(
+                self.app,
+                self.listener,
+                options,
+                handoff_send=self.handoff_send,
+                handoff_recv=self.handoff_recv,
+                private=private,
+                scoreboard=self.board,
+                slot=slot.index,
+                live=live,
+                access_fd=self.access_fd,
+            )
+            worker.install_signals()
+            worker.run()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 0
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+
+    def prove_worker(self, slot: Slot, private: socket.socket, deadline: float) -> None:
+        private.settimeout(max(0.1, deadline - time.monotonic()))
+        health = self.server.health
+        try:
+            if health:
+                response = request(private, health, keep_conn=True)
+                if not 200 <= response.status < 300:
+                    body = response.body[:2000].decode("utf-8", "replace")
+                    raise BootFailed(
+                        f"worker {slot.pid}: health check {health} answered "
+                        f"{response.status} {response.reason}: {body}"
+                    )
+            else:
+                get_values(private, ["FCGI_MPXS_CONNS"])
+        except (ClientError, OSError) as exc:
+            raise BootFailed(f"worker {slot.pid}: {exc}") from None
+
+    def go_live(self, slots: Sequence[Slot]) -> None:
+        signal_workers(slots, signal.SIGUSR2)
+
+    # ------------------------------------------------------------ stopping
+
+    def signal_for(self, signum: int) -> int | None:
+        return signum
+
+    def begin_drain(self, slots: Sequence[Slot], signum: int) -> None:
+        # The workers drain themselves: HUP hands idle connections on, TERM closes them.
+        signal_workers(slots, signum)
+
+    def drain_step(self, slots: Sequence[Slot]) -> None:
+        """The workers drain themselves."""
+
+    # ------------------------------------------------------------ watching
+
+    def exited(self, slot: Slot) -> int:
+        served = self.board.read(slot.index).requests
+        self.board.reset(slot.index, 0)
+        return served
+
+    def stuck(self, slots: Sequence[Slot], now: float) -> list[tuple[Slot, str]]:
+        """Stuck on one request longer than `timeout`, or silent outside a request longer than
+        `heartbeat_timeout` (stopped, or hung in native code)."""
+        timeout = self.server.timeout
+        heartbeat = self.server.heartbeat_timeout
+        if not timeout and not heartbeat:
+            return []
+        wall = time.time()
+        found = []
+        for slot in slots:
+            if not slot.pid:
+                continue
+            state = self.board.read(slot.index)
+            if state.busy:
+                if not (timeout and state.started and wall - state.started > timeout):
+                    continue
+                why = (
+                    f"stuck for {wall - state.started:.1f} s on {state.path or '?'} "
+                    f"(timeout {timeout:g} s)"
+                )
+            else:
+                if not (heartbeat and state.heartbeat and now - state.heartbeat > heartbeat):
+                    continue
+                why = (
+                    f"made no progress for {now - state.heartbeat:.1f} s outside a request "
+                    f"(heartbeat_timeout {heartbeat:g} s)"
+                )
+            # Counted as ended now, so it is not reported again before it is reaped.
+            self.board.end(slot.index, state.requests, now)
+            found.append((slot, why))
+        return found
+
+    def status(self, slots: Sequence[Slot]) -> list[WorkerInfo]:
+        workers = []
+        for slot in slots:
+            if slot.pid:
+                state = self.board.read(slot.index)
+                workers.append(
+                    WorkerInfo(
+                        pid=slot.pid,
+                        state="busy" if state.busy else "idle",
+                        requests=state.requests,
+                        started=slot.started,
+                    )
+                )
+        return workers
+
+
+def signal_workers(slots: Sequence[Slot], signum: int) -> None:
+    for slot in slots:
+        if slot.pid:
+            try:
+                os.kill(slot.pid, signum)
+            except ProcessLookupError:
+                pass
+
+
+def _set_parent_death_signal(sig: int) -> None:
+    """Linux: deliver `sig` to this process when its parent dies."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
