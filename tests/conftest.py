@@ -9,8 +9,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,24 @@ def wait_for(
         f"timed out after {timeout} s waiting for {what}"
         + (f" (last error: {last_exc!r})" if last_exc else "")
     )
+
+
+@contextmanager
+def threads_running(
+    target: Callable[[], object], count: int, stop: threading.Event | None = None
+) -> Iterator[None]:
+    """`count` threads run `target` during the block; after it, `stop` is set and they are
+    joined (a target watches `stop` to end)."""
+    threads = [threading.Thread(target=target) for _ in range(count)]
+    for t in threads:
+        t.start()
+    try:
+        yield
+    finally:
+        if stop is not None:
+            stop.set()
+        for t in threads:
+            t.join(20)
 
 
 def child_pids(pid: int) -> list[int]:

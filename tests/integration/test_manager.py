@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fcgi_engine.client import request
-from tests.conftest import APPS, ENGINE, Cli, deploy, release_site, wait_for
+from tests.conftest import APPS, ENGINE, Cli, deploy, release_site, threads_running, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -214,10 +214,7 @@ def test_perl_command_server_rolled_out_under_load(cli_for, tmp: Path, nginx) ->
             finally:
                 conn.close()
 
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
-    try:
+    with threads_running(load, 4, stop):
         wait_for(lambda: ok[0] > 50, 10, what="load")
         for n in range(3):
             r = cli("graceful")
@@ -225,10 +222,6 @@ def test_perl_command_server_rolled_out_under_load(cli_for, tmp: Path, nginx) ->
             assert f"generation {n + 1} -> {n + 2}" in r.stdout
             before = ok[0]
             wait_for(lambda b=before: ok[0] > b + 20, 10, what="requests after the rollout")
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(20)
     assert not errors, errors[:5]
     assert "upstream" not in front.error_log()
 

@@ -347,19 +347,11 @@ def test_malformed_connections_leave_the_worker_rss_flat(serve) -> None:
 
 
 def test_a_tcp_listener_takes_loopback_only_by_default_and_cidr_ranges(serve) -> None:
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    server = serve(TESTAPP, listen=f"127.0.0.1:{port}", nproc=1)
+    server = serve(TESTAPP, listen="127.0.0.1:0", nproc=1)
     assert request(server.address, "/hello").status == 200
     # An allow-list that names other networks refuses this host, and says so once.
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
     fenced = serve(
-        TESTAPP, "--allowed-addrs", "10.0.0.0/8,192.168.1.0/24", listen=f"127.0.0.1:{port}", nproc=1
+        TESTAPP, "--allowed-addrs", "10.0.0.0/8,192.168.1.0/24", listen="127.0.0.1:0", nproc=1
     )
     for _ in range(5):
         with pytest.raises(ClientError):

@@ -475,3 +475,30 @@ def test_adopted_master_stops_once_the_adopted_generations_exit() -> None:
         P.SignalReceived(signal.SIGTERM, 101)
     )
     assert P.Exit(0) in pol.handle(P.GenerationExited(4, 102.0, 0))
+
+
+def test_reexec_state_round_trips_and_reads_what_an_older_master_wrote() -> None:
+    from fcgi_engine.master.loop import InheritedGeneration, ReexecState
+
+    state = ReexecState(
+        listen=3,
+        handoff=(4, 5),
+        control=6,
+        active=2,
+        next_id=3,
+        generations=[
+            InheritedGeneration(2, 100, 7, 8, "active", [101], [WorkerInfo(101, "idle", 4, 9.5)])
+        ],
+        nproc=2,
+        unix_path="/run/app.sock",
+    )
+    assert ReexecState.from_json(state.to_json()) == state
+    # An engine from before typed messages wrote no nproc nor unix_path.
+    old = (
+        '{"listen": 3, "handoff": [4, 5], "control": -1, "active": null, "next_id": 9, '
+        '"generations": [{"id": 8, "pid": 80, "channel": 7, "output": 8, "phase": "draining", '
+        '"pids": [81], "workers": [{"pid": 81, "state": "busy", "requests": 1, "started": 2}]}]}'
+    )
+    parsed = ReexecState.from_json(old)
+    assert parsed.nproc is None and parsed.unix_path is None and parsed.control == -1
+    assert parsed.generations[0].workers == [WorkerInfo(81, "busy", 1, 2.0)]
