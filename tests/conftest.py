@@ -152,7 +152,11 @@ class Server:
             except subprocess.TimeoutExpired:
                 pass
         kill_tagged(self.tag)
-        return self.proc.poll()
+        try:
+            # Reaped, whatever happened above: an unreaped child is a ResourceWarning later.
+            return self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            return None
 
     def tree(self) -> list[int]:
         return tagged_pids(self.tag)

@@ -222,7 +222,7 @@ def test_perl_command_server_rolled_out_under_load(cli_for, tmp: Path, nginx) ->
             assert f"generation {n + 1} -> {n + 2}" in r.stdout
             before = ok[0]
             wait_for(lambda b=before: ok[0] > b + 20, 10, what="requests after the rollout")
-    assert not errors, errors[:5]
+    assert not errors, (errors[:5], front.error_log()[-2000:])
     assert "upstream" not in front.error_log()
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from fcgi_engine.client import Exchange, build_params, connect, encode_request, request
+from fcgi_engine.config.settings import ServerConfig
 from fcgi_engine.protocol.codec import encode_record
 from fcgi_engine.protocol.constants import RecordType
 from fcgi_engine.serving.access_log import format_line
@@ -105,8 +106,14 @@ def running(worker: Worker) -> Iterator[Worker]:
         assert not failure, f"the worker loop raised {failure[0]!r}"
 
 
+def worker_options(**settings: Any) -> WorkerOptions:
+    """A worker's options from settings as a server would declare them (the rest: defaults)."""
+    server = ServerConfig(name="test", socket="test.sock", **settings)
+    return WorkerOptions.derive(server, allowed_addrs=["any"], nproc=1)
+
+
 def make_worker(listener: socket.socket, app: Any = hello, **kwargs: Any) -> Worker:
-    options = kwargs.pop("options", WorkerOptions())
+    options = kwargs.pop("options", worker_options())
     return Worker(app, listener, options, errors=io.StringIO(), **kwargs)
 
 
@@ -136,7 +143,7 @@ def test_malformed_record_closes_that_connection_and_the_next_is_served(tmp_path
 def test_access_log_gets_one_line_per_request(tmp_path: Path) -> None:
     address = str(tmp_path / "w.sock")
     log_path = tmp_path / "access.log"
-    options = WorkerOptions(access_log=str(log_path))
+    options = worker_options(access_log=str(log_path))
     with listening(tmp_path / "w.sock") as listener:
         with running(make_worker(listener, options=options)):
             assert request(address, "/logged?x=1", timeout=TIMEOUT).status == 200
@@ -153,7 +160,7 @@ def test_access_log_gets_one_line_per_request(tmp_path: Path) -> None:
 def test_access_log_reads_the_status_of_a_response_sent_in_slices(tmp_path: Path) -> None:
     address = str(tmp_path / "w.sock")
     log_path = tmp_path / "access.log"
-    options = WorkerOptions(access_log=str(log_path))
+    options = worker_options(access_log=str(log_path))
     with listening(tmp_path / "w.sock") as listener:
         with running(make_worker(listener, big_write, options=options)):
             response = request(address, "/big", timeout=TIMEOUT)

@@ -8,7 +8,6 @@ makes progress (its heartbeat).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import random
@@ -21,9 +20,7 @@ from collections.abc import Callable, Sequence
 
 from fcgi_engine.channel import WorkerInfo
 from fcgi_engine.client import ClientError, get_values, request
-from fcgi_engine.config.address import AllowList
 from fcgi_engine.config.boot import BootSpec
-from fcgi_engine.protocol import Limits
 from fcgi_engine.serving.kind import BootFailed
 from fcgi_engine.serving.loader import WSGIApp
 from fcgi_engine.serving.scoreboard import Scoreboard
@@ -68,25 +65,6 @@ class PythonWorkers:
             socket.socket(fileno=spec.handoff_recv_fd) if spec.handoff_recv_fd >= 0 else None
         )
         self.board = Scoreboard(MAX_WORKERS)
-        allowed = AllowList(spec.allowed_addrs)
-        cfg = self.server
-        self.options = WorkerOptions(
-            limits=Limits(
-                max_params_size=cfg.max_params_size, max_conns=spec.nproc, max_reqs=spec.nproc
-            ),
-            max_body_size=cfg.max_body_size,
-            max_requests=cfg.max_requests,
-            script_name=cfg.script_name,
-            allowed=None if allowed.allows_any else allowed,
-            access_log=cfg.access_log,
-            params_timeout=cfg.params_timeout,
-            body_timeout=cfg.body_timeout,
-            body_min_rate=cfg.body_min_rate,
-            idle_timeout=cfg.idle_timeout,
-            send_timeout=cfg.send_timeout,
-            worker_connections=cfg.worker_connections,
-            body_buffer_size=cfg.body_buffer_size,
-        )
 
     # ------------------------------------------------------------ starting and proving
 
@@ -95,12 +73,13 @@ class PythonWorkers:
 
     def start(self, slot: Slot, *, live: bool, private: socket.socket | None) -> int:
         self.board.reset(slot.index, 0, time.monotonic())
-        options = self.options
         jitter = self.server.max_requests_jitter
-        if options.max_requests and jitter:
-            options = dataclasses.replace(
-                options, max_requests=options.max_requests + random.randint(0, jitter)
-            )
+        options = WorkerOptions.derive(
+            self.server,
+            allowed_addrs=self.spec.allowed_addrs,
+            nproc=self.spec.nproc,
+            jitter=random.randint(0, jitter) if jitter else 0,
+        )
         pid = os.fork()
         if pid == 0:
             self._become_worker(slot, options, live, private)

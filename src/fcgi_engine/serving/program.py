@@ -59,6 +59,39 @@ def _accepted_tcp_inodes(port: int) -> set[str]:
     return inodes
 
 
+# How long a SIGSTOP may take to land (the program is on a CPU, or in a system call).
+FREEZE_SECONDS = 0.1
+
+
+def _process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat ("" when the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def _freeze(pid: int) -> bool:
+    """SIGSTOP `pid` and wait until it is stopped; False (and let go) when it is not."""
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + FREEZE_SECONDS
+    while True:
+        state = _process_state(pid)
+        if state == "T":
+            return True
+        if state in ("", "Z", "X") or time.monotonic() >= deadline:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+            return False
+        time.sleep(0.001)
+
+
 def _socket_inodes(pid: int) -> set[str]:
     inodes = set()
     try:
@@ -105,16 +138,9 @@ class ProgramWorkers:
         pid = os.fork()
         if pid == 0:
             try:
-                for sig in (
-                    signal.SIGHUP,
-                    signal.SIGTERM,
-                    signal.SIGQUIT,
-                    signal.SIGINT,
-                    signal.SIGCHLD,
-                    signal.SIGUSR1,
-                    signal.SIGUSR2,
-                    signal.SIGPIPE,
-                ):
+                # exec resets caught signals to their default, not ignored ones: the program
+                # must not inherit our ignoring of these.
+                for sig in (signal.SIGPIPE, signal.SIGTTIN, signal.SIGTTOU):
                     signal.signal(sig, signal.SIG_DFL)
                 signal.set_wakeup_fd(-1)
                 os.dup2(listen_fd, 0)
@@ -195,15 +221,29 @@ class ProgramWorkers:
         self.drain_step(slots)
 
     def drain_step(self, slots: Sequence[Slot]) -> None:
-        """Stop each program that holds no connection of ours: between requests."""
+        """Stop each program that holds no connection of ours: between requests.
+
+        A program idle a moment ago may accept a connection before our SIGTERM lands, and die
+        with it (nginx answers 502). So an idle-looking program is first frozen (SIGSTOP: out
+        of accept(), it can take nothing more), looked at again, and only then terminated;
+        SIGCONT lets it act on the SIGTERM, or carry on with what it took meanwhile.
+        """
         busy = self.busy_pids(slots)
-        for slot in slots:
-            if slot.pid and slot.pid not in busy and slot.pid not in self.terminated:
-                self.terminated.add(slot.pid)
-                try:
-                    os.kill(slot.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+        idle = [
+            s.pid for s in slots if s.pid and s.pid not in busy and s.pid not in self.terminated
+        ]
+        frozen = [pid for pid in idle if _freeze(pid)]
+        if not frozen:
+            return
+        still_idle = set(frozen) - self.busy_pids(slots)
+        for pid in frozen:
+            try:
+                if pid in still_idle:
+                    os.kill(pid, signal.SIGTERM)
+                    self.terminated.add(pid)
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
     # ------------------------------------------------------------ watching
 

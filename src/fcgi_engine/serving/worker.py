@@ -30,11 +30,12 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 from fcgi_engine.config.address import AllowList
+from fcgi_engine.config.settings import ServerConfig
 from fcgi_engine.protocol import (
     NEED_DATA,
     Connection,
@@ -50,8 +51,6 @@ from fcgi_engine.protocol import (
 from fcgi_engine.serving.access_log import AccessLog
 from fcgi_engine.serving.body import EMPTY_BODY, ClientDisconnected, InputStream, SpooledBody
 from fcgi_engine.serving.environ import build_environ
-from fcgi_engine.serving.handoff import decode_handoff as decode_handoff  # for test_protocol
-from fcgi_engine.serving.handoff import encode_handoff as encode_handoff  # for test_protocol
 from fcgi_engine.serving.handoff import receive_connection, send_connection
 from fcgi_engine.serving.loader import WSGIApp
 from fcgi_engine.serving.scoreboard import Scoreboard
@@ -104,19 +103,27 @@ _PRIVATE = Phase.PRIVATE
 
 @dataclass(frozen=True)
 class WorkerOptions:
-    limits: Limits = Limits()
-    max_body_size: int = 0
-    max_requests: int = 0
-    script_name: str | None = None
-    allowed: AllowList | None = None
-    access_log: str | None = None
-    params_timeout: float = 10.0
-    body_timeout: float = 60.0
-    body_min_rate: int = 65536
-    idle_timeout: float = 120.0
-    send_timeout: float = 60.0
-    worker_connections: int = 1000
-    body_buffer_size: int = 1 << 20
+    """What one worker runs with: the server's settings as ServerConfig declares them (the one
+    table; a new setting needs no field here) and what the generation derives from them."""
+
+    settings: ServerConfig
+    limits: Limits
+    allowed: AllowList | None  # the TCP peers taken; None: every peer
+    max_requests: int  # settings.max_requests, plus this worker's share of the jitter
+
+    @classmethod
+    def derive(
+        cls, settings: ServerConfig, *, allowed_addrs: Sequence[str], nproc: int, jitter: int = 0
+    ) -> WorkerOptions:
+        allowed = AllowList(allowed_addrs)
+        return cls(
+            settings=settings,
+            limits=Limits(
+                max_params_size=settings.max_params_size, max_conns=nproc, max_reqs=nproc
+            ),
+            allowed=None if allowed.allows_any else allowed,
+            max_requests=settings.max_requests + jitter if settings.max_requests else 0,
+        )
 
 
 class _Conn:
@@ -226,6 +233,7 @@ class Worker:
         self.app = app
         self.listener = listener
         self.options = options
+        self.settings = options.settings
         self.handoff_send = handoff_send
         self.handoff_recv = handoff_recv
         self.private = private
@@ -252,19 +260,19 @@ class Worker:
         # The access log the generation opened (access_fd), else the configured file opened
         # here; None when there is none.
         self.access_log = (
-            AccessLog(options.access_log, access_fd)
-            if access_fd >= 0 or options.access_log
+            AccessLog(options.settings.access_log, access_fd)
+            if access_fd >= 0 or options.settings.access_log
             else None
         )
         self._reopen_logs = False
         # With an access log the sink also counts the status and size, and writes the line;
         # without one, nothing on the request path counts.
         self._logged_sink = (
-            _LoggedResponseSink(options.send_timeout, self.access_log)
+            _LoggedResponseSink(options.settings.send_timeout, self.access_log)
             if self.access_log is not None
             else None
         )
-        self._sink = self._logged_sink or _ResponseSink(options.send_timeout)
+        self._sink = self._logged_sink or _ResponseSink(options.settings.send_timeout)
 
     def close(self) -> None:
         """Release the epoll set and the wake-up pipe. A worker process never needs this (it
@@ -380,7 +388,7 @@ class Worker:
             log.warning("worker %d: its generation is gone; draining", os.getpid())
             self._draining = True
             self._handoff_on_drain = self.handoff_send is not None
-        min_rate = self.options.body_min_rate
+        min_rate = self.settings.body_min_rate
         for conn in list(self.conns.values()):
             deadline = conn.deadline
             if not deadline or now <= deadline:
@@ -398,7 +406,7 @@ class Worker:
         want = (
             self._live
             and not self._draining
-            and len(self.conns) < self.options.worker_connections
+            and len(self.conns) < self.settings.worker_connections
             and self._now >= self._accept_paused_until
         )
         if want == self._listening:
@@ -489,7 +497,7 @@ class Worker:
         if phase == _PARAMS:
             # A new connection must send its first request promptly.
             conn.phase = _PARAMS
-            conn.deadline = self._now + self.options.params_timeout
+            conn.deadline = self._now + self.settings.params_timeout
         elif phase == _PRIVATE:
             conn.phase = _PRIVATE
         if leftover:
@@ -554,15 +562,15 @@ class Worker:
             self._watch(conn)
             return
         if conn.request is not None:
-            phase, timeout = _BODY, self.options.body_timeout
+            phase, timeout = _BODY, self.settings.body_timeout
         elif not proto.idle or proto.has_buffered_input:
-            phase, timeout = _PARAMS, self.options.params_timeout
+            phase, timeout = _PARAMS, self.settings.params_timeout
         else:
             if self._draining and self._handoff_on_drain:
                 self._pass_on(conn)
                 if conn.fd not in self.conns:
                     return
-            phase, timeout = _IDLE, self.options.idle_timeout
+            phase, timeout = _IDLE, self.settings.idle_timeout
         if phase != conn.phase:
             conn.phase = phase
             conn.deadline = self._now + timeout
@@ -570,7 +578,7 @@ class Worker:
 
     def _expire(self, conn: _Conn) -> None:
         phase = conn.phase
-        opts = self.options
+        opts = self.settings
         if phase == _IDLE:
             log.debug(
                 "closing a keep-alive connection idle for %g s (idle_timeout)", opts.idle_timeout
@@ -643,9 +651,9 @@ class Worker:
                     break
                 body = conn.body
                 if body is None:
-                    body = conn.body = SpooledBody(self.options.body_buffer_size)
+                    body = conn.body = SpooledBody(self.settings.body_buffer_size)
                 body.append(event.data)  # type: ignore[union-attr]
-                limit = self.options.max_body_size
+                limit = self.settings.max_body_size
                 if limit and body.size > limit:
                     if not self._refuse_body(conn, limit):
                         return
@@ -658,7 +666,7 @@ class Worker:
                 return
             if kind is RequestReady:
                 conn.request = event  # type: ignore[assignment]
-                limit = self.options.max_body_size
+                limit = self.settings.max_body_size
                 declared = event.params.get("CONTENT_LENGTH", "")  # type: ignore[union-attr]
                 if limit and declared.isdigit() and int(declared) > limit:
                     if not self._refuse_body(conn, limit):
@@ -673,7 +681,7 @@ class Worker:
                         send_all(
                             conn.sock,
                             proto.end_request(request.request_id, 1),
-                            self.options.send_timeout,
+                            self.settings.send_timeout,
                         )
                     except ClientDisconnected:
                         self._close(conn)
@@ -734,7 +742,7 @@ class Worker:
             send_all(
                 conn.sock,
                 proto.stdout(request_id, body) + proto.end_request(request_id),
-                self.options.send_timeout,
+                self.settings.send_timeout,
             )
         except ClientDisconnected:
             self._close(conn)
@@ -813,7 +821,7 @@ class Worker:
         out = conn.proto.data_to_send()
         if out:
             try:
-                send_all(conn.sock, out, self.options.send_timeout)
+                send_all(conn.sock, out, self.settings.send_timeout)
             except ClientDisconnected:
                 self._close(conn)
                 return False
@@ -824,7 +832,7 @@ class Worker:
         sink = self._sink
         sink.start(conn.sock, conn.proto, event.request_id)
         stream = InputStream(body.reader() if body is not None else EMPTY_BODY)
-        environ = build_environ(event.params, stream, self.errors, self.options.script_name)
+        environ = build_environ(event.params, stream, self.errors, self.settings.script_name)
         environ["wsgi.file_wrapper"] = FileWrapper
         began = time.monotonic()
         board = self.scoreboard
