@@ -29,6 +29,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         options: dict[str, Any] = {"type": kind, "help": text.replace("%", "%%")}
         if s.about.metavar:
             options["metavar"] = s.about.metavar
+        if s.about.choices:
+            options["choices"] = s.about.choices
         if s.positional:
             p.add_argument(s.key, **options)
         else:

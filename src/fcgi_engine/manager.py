@@ -227,6 +227,7 @@ def check(server: ServerConfig, timeout: float | None = None) -> Outcome:
     env = interpreter.with_package_path({**os.environ, **server.environment})
     python = interpreter.python(server.python)
     argv = [python, "-m", "fcgi_engine.serving", "--check", server.app_spec or ""]
+    argv += ["--interface", server.interface]
     for log_path in (server.access_log, server.error_log):
         if log_path:
             # Opened for append (created) by the check as the server's user, as the server will.

@@ -82,6 +82,8 @@ def sample(s: Setting) -> tuple[str, Any]:
     }
     if s.key in special:
         return special[s.key]
+    if s.about.choices:
+        return s.about.choices[-1], s.about.choices[-1]
     if float in s.kinds:
         return "12.5", 12.5
     if int in s.kinds:

@@ -29,7 +29,13 @@ from fcgi_engine.serving.handoff import (
     receive_connection,
     send_connection,
 )
-from fcgi_engine.serving.scoreboard import PATH_BYTES, SLOT_LAYOUT, Scoreboard, WorkerState
+from fcgi_engine.serving.scoreboard import (
+    PATH_BYTES,
+    SLOT_LAYOUT,
+    InFlight,
+    Scoreboard,
+    WorkerState,
+)
 from fcgi_engine.serving.worker import Worker, WorkerOptions
 
 TIMEOUT = 5.0
@@ -277,3 +283,149 @@ def test_scoreboard_layout_is_one_declaration() -> None:
         "heartbeat",
         "path",
     ]
+
+
+# ---------------------------------------------------------------- threads > 1
+
+
+class Gate:
+    """An app whose requests wait on a gate the test opens; it counts the ones waiting."""
+
+    def __init__(self) -> None:
+        self.opened = threading.Event()
+        self.lock = threading.Lock()
+        self.waiting = 0
+        self.seen: list[bool] = []
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        with self.lock:
+            self.waiting += 1
+            self.seen.append(environ["wsgi.multithread"])
+        self.opened.wait(TIMEOUT)
+        with self.lock:
+            self.waiting -= 1
+        return hello(environ, start_response)
+
+
+def fetch_all(address: str, paths: list[str], keep_conn: bool = False) -> list[Any]:
+    """Each path on its own connection, all at once; the responses in order."""
+    results: list[Any] = [None] * len(paths)
+
+    def one(i: int) -> None:
+        with connect(address, TIMEOUT) as sock:
+            results[i] = request(sock, paths[i], keep_conn=keep_conn)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(paths))]
+    for t in threads:
+        t.start()
+    return_after = time.monotonic() + 2 * TIMEOUT
+    for t in threads:
+        t.join(max(0.1, return_after - time.monotonic()))
+    return results
+
+
+def test_threads_serve_requests_at_once_and_hold_no_idle_connection(tmp_path: Path) -> None:
+    address = str(tmp_path / "w.sock")
+    gate = Gate()
+    board = Scoreboard(1)
+    options = worker_options(threads=4)
+    with (
+        listening(tmp_path / "w.sock") as listener,
+        running(make_worker(listener, gate, options=options, scoreboard=board)) as worker,
+    ):
+        done: list[Any] = []
+        runner = threading.Thread(
+            target=lambda: done.extend(fetch_all(address, [f"/t{i}" for i in range(6)], True))
+        )
+        runner.start()
+        # Four run at once; the other two wait in their sockets, not in a thread.
+        poll(lambda: gate.waiting == 4, "four requests in threads")
+        time.sleep(0.1)
+        assert gate.waiting == 4
+        state = board.read(0)
+        assert state.busy and state.path.startswith("/t")
+        gate.opened.set()
+        runner.join(2 * TIMEOUT)
+        assert [r.status for r in done] == [200] * 6
+        assert [r.body for r in done] == [f"hello /t{i}\n".encode() for i in range(6)]
+        assert gate.seen == [True] * 6
+        poll(lambda: not board.read(0).busy, "the slot idle")
+        assert board.read(0).requests == 6 and worker.requests == 6
+        # Kept-alive connections went back to the loop: a new one is served at once.
+        assert request(address, "/after", timeout=TIMEOUT).body == b"hello /after\n"
+
+
+def test_threaded_drain_finishes_in_flight_requests(tmp_path: Path) -> None:
+    address = str(tmp_path / "w.sock")
+    gate = Gate()
+    with (
+        listening(tmp_path / "w.sock") as listener,
+        running(make_worker(listener, gate, options=worker_options(threads=3))) as worker,
+    ):
+        done: list[Any] = []
+        runner = threading.Thread(
+            target=lambda: done.extend(fetch_all(address, ["/a", "/b", "/c"]))
+        )
+        runner.start()
+        poll(lambda: gate.waiting == 3, "three requests in threads")
+        stop(worker)
+        gate.opened.set()
+        runner.join(2 * TIMEOUT)
+        assert [r.status for r in done] == [200, 200, 200]
+
+
+def test_max_requests_waits_for_the_threads(tmp_path: Path) -> None:
+    address = str(tmp_path / "w.sock")
+    gate = Gate()
+    options = WorkerOptions.derive(
+        ServerConfig(name="t", socket="t.sock", threads=4, max_requests=2),
+        allowed_addrs=["any"],
+        nproc=1,
+    )
+    with (
+        listening(tmp_path / "w.sock") as listener,
+        running(make_worker(listener, gate, options=options)) as worker,
+    ):
+        done: list[Any] = []
+        runner = threading.Thread(target=lambda: done.extend(fetch_all(address, ["/a", "/b"])))
+        runner.start()
+        poll(lambda: gate.waiting == 2, "two requests in threads")
+        time.sleep(0.1)
+        assert worker._draining
+        gate.opened.set()
+        runner.join(2 * TIMEOUT)
+        assert [r.status for r in done] == [200, 200]
+
+
+def test_threads_one_is_the_inline_worker(tmp_path: Path) -> None:
+    seen: list[bool] = []
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        seen.append(environ["wsgi.multithread"])
+        return hello(environ, start_response)
+
+    with listening(tmp_path / "w.sock") as listener, running(make_worker(listener, app)) as w:
+        assert request(str(tmp_path / "w.sock"), "/x", timeout=TIMEOUT).status == 200
+        assert w._threads is None and "_handle_complete" not in vars(w)
+    assert seen == [False]
+
+
+def test_in_flight_shows_the_oldest_request() -> None:
+    board = Scoreboard(1)
+    flight = InFlight(board, 0)
+    first = flight.begin("/first")
+    started = board.read(0).started
+    second = flight.begin("/second")
+    assert (board.read(0).busy, board.read(0).path) == (True, "/first")
+    third = flight.begin("/third")
+    flight.end(second)
+    assert (board.read(0).path, board.read(0).started, board.read(0).requests) == (
+        "/first",
+        started,
+        1,
+    )
+    flight.end(first)
+    assert (board.read(0).busy, board.read(0).path, board.read(0).requests) == (True, "/third", 2)
+    flight.end(third)
+    assert (board.read(0).busy, board.read(0).requests) == (False, 3)
+    assert flight.oldest() is None

@@ -100,6 +100,7 @@ class About:
     yaml_only: str = ""  # why `serve` has no flag for it ("": it has one)
     also: type | None = None  # another type the YAML may write it as (parse turns it into ours)
     parse: Callable[[Any], Any] | None = None  # checks and converts a value of the right type
+    choices: tuple[str, ...] = ()  # the only values it takes (`serve --help` lists them)
     path: bool = False  # a file or directory: relative to the YAML file (serve: to the cwd)
     per_server: bool = False  # unique to each server: not allowed in `defaults`
     unit: str = ""  # "s", "B" or "B/s": how the default is shown
@@ -166,6 +167,29 @@ class ServerConfig:
         parse=_program,
     )
     nproc: int = setting(2, "number of worker processes", minimum=1, flags=("--nproc", "-n"))
+    interface: str = setting(
+        "auto",
+        "how the app is called: wsgi, asgi, or auto (an async callable app(scope, receive, send) "
+        "is ASGI 3, any other callable WSGI)",
+        choices=("auto", "wsgi", "asgi"),
+    )
+    threads: int = setting(
+        1,
+        "WSGI requests one worker serves at once, each in a thread (1: no threads, the fastest "
+        "path for apps that do not wait)",
+        minimum=1,
+    )
+    max_concurrency: int = setting(
+        100,
+        "ASGI requests one worker serves at once; past it new requests wait, they are not dropped",
+        minimum=1,
+    )
+    lifespan: str = setting(
+        "auto",
+        "ASGI lifespan events: on (a failing startup fails the boot), off, or auto (on unless "
+        "the app does not support them)",
+        choices=("auto", "on", "off"),
+    )
     additional_args: list[str] = setting(
         [],
         "extra arguments for the command (or the app's sys.argv)",
@@ -344,6 +368,8 @@ class Setting:
         minimum = self.about.minimum
         if minimum is not None and isinstance(value, (int, float)) and value < minimum:
             raise ValueError(f"must be at least {minimum:g}, got {value!r}")
+        if self.about.choices and value not in self.about.choices:
+            raise ValueError(f"must be one of {', '.join(self.about.choices)}, not {value!r}")
         return self.about.parse(value) if self.about.parse else value
 
     def shown_default(self) -> str:

@@ -20,7 +20,7 @@ from fcgi_engine.config.boot import ENV_KEY, BootSpec
 from fcgi_engine.config.settings import IdentityError, run_as
 from fcgi_engine.serving.generation import Generation
 from fcgi_engine.serving.kind import WorkerKind
-from fcgi_engine.serving.loader import AppLoadError, load_app
+from fcgi_engine.serving.loader import AppLoadError, load_app, resolve_interface
 from fcgi_engine.serving.prefork import PythonWorkers, open_access_log
 from fcgi_engine.serving.program import ProgramWorkers
 
@@ -30,8 +30,9 @@ log = logging.getLogger("fcgi_engine.generation")
 CHECK_OK, CHECK_FAILED, CHECK_NOT_FOUND = 0, 1, 5
 
 
-def check_app(spec: str, logs: list[str]) -> int:
-    """Open each log for append (as the user the check runs as) and import the app."""
+def check_app(spec: str, logs: list[str], interface: str = "auto") -> int:
+    """Open each log for append (as the user the check runs as), import the app and check it
+    can be called the way `interface` says."""
     for path in logs:
         try:
             os.close(open_access_log(path))
@@ -39,7 +40,7 @@ def check_app(spec: str, logs: list[str]) -> int:
             print(f"cannot open log {path}: {exc.strerror or exc}", file=sys.stderr)
             return CHECK_FAILED
     try:
-        load_app(spec)
+        resolve_interface(load_app(spec), interface, spec)
     except AppLoadError as exc:
         print(exc, file=sys.stderr)
         if exc.__cause__ is not None:
@@ -79,6 +80,7 @@ def boot(spec: BootSpec, master: socket.socket) -> int:
         sys.argv = [spec.app, *spec.argv]
         try:
             app = load_app(spec.app)
+            interface = resolve_interface(app, server.interface, spec.app)
         except AppLoadError as exc:
             detail = "".join(traceback.format_exception(exc.__cause__)) if exc.__cause__ else ""
             return fail(f"{exc}\n{detail}".rstrip(), "cannot load the app: ")
@@ -91,7 +93,11 @@ def boot(spec: BootSpec, master: socket.socket) -> int:
         gc.collect()
         gc.freeze()
         kind = PythonWorkers(
-            app, spec, access_fd=access_fd, after_fork=lambda: generation.close_inherited()
+            app,
+            spec,
+            interface=interface,
+            access_fd=access_fd,
+            after_fork=lambda: generation.close_inherited(),
         )
     generation = Generation(
         server.name,
@@ -108,8 +114,10 @@ def boot(spec: BootSpec, master: socket.socket) -> int:
 def main(argv: list[str]) -> int:
     if len(argv) >= 2 and argv[0] == "--check":
         rest = argv[2:]
-        logs = [rest[i + 1] for i in range(len(rest) - 1) if rest[i] == "--log"]
-        return check_app(argv[1], logs)
+        options = [(rest[i], rest[i + 1]) for i in range(len(rest) - 1)]
+        logs = [value for flag, value in options if flag == "--log"]
+        interface = next((value for flag, value in options if flag == "--interface"), "auto")
+        return check_app(argv[1], logs, interface)
     spec = BootSpec.from_json(os.environ.pop(ENV_KEY))
     logging.basicConfig(
         level=logging.INFO,

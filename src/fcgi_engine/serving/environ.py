@@ -20,6 +20,23 @@ def build_environ(
     """
     # The params dict is fresh for every request: it becomes the environ (no copy).
     environ: dict[str, Any] = params
+    scheme = normalise_params(environ, script_name)
+    environ["wsgi.version"] = (1, 0)
+    environ["wsgi.url_scheme"] = scheme
+    environ["wsgi.input"] = wsgi_input
+    # The end of the body is always known from the empty STDIN record, CONTENT_LENGTH or not.
+    environ["wsgi.input_terminated"] = True
+    environ["wsgi.errors"] = errors
+    environ["wsgi.multithread"] = False
+    environ["wsgi.multiprocess"] = True
+    environ["wsgi.run_once"] = False
+    return environ
+
+
+def normalise_params(environ: dict[str, Any], script_name: str | None = None) -> str:
+    """Normalise FastCGI params in place, as both the WSGI environ and the ASGI scope see them:
+    the CGI defaults, SERVER_NAME/SERVER_PORT, SCRIPT_NAME/PATH_INFO split at the mount point
+    (`script_name`, else the root). Returns the URL scheme, "http" or "https"."""
     for key in _DROP:
         if key in environ:
             del environ[key]
@@ -46,16 +63,7 @@ def build_environ(
     if script_name is not None or not path or path[0] != "/" or environ.get("SCRIPT_NAME", "x"):
         _normalise_paths(environ, script_name)
 
-    environ["wsgi.version"] = (1, 0)
-    environ["wsgi.url_scheme"] = scheme
-    environ["wsgi.input"] = wsgi_input
-    # The end of the body is always known from the empty STDIN record, CONTENT_LENGTH or not.
-    environ["wsgi.input_terminated"] = True
-    environ["wsgi.errors"] = errors
-    environ["wsgi.multithread"] = False
-    environ["wsgi.multiprocess"] = True
-    environ["wsgi.run_once"] = False
-    return environ
+    return scheme
 
 
 def _normalise_server(environ: dict[str, Any], scheme: str) -> None:

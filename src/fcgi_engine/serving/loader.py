@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -79,3 +80,30 @@ def _import_file(path: str) -> Any:
         sys.modules.pop(module_name, None)
         raise AppLoadError(f"importing {path} failed: {exc!r}") from exc
     return module
+
+
+def is_asgi(app: Any) -> bool:
+    """An ASGI 3 app is an async callable `app(scope, receive, send)`: a coroutine function, or
+    an object whose `__call__` is one (Starlette, FastAPI, Django's ASGIHandler)."""
+    if inspect.iscoroutinefunction(app):
+        return True
+    call = getattr(app, "__call__", None)  # noqa: B004 - the method itself is what we inspect
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+def resolve_interface(app: Any, wanted: str, spec: str) -> str:
+    """ "wsgi" or "asgi" for the `interface` setting (auto, wsgi or asgi) and this app; an
+    AppLoadError says why an app cannot be called the way it was asked to be."""
+    asgi = is_asgi(app)
+    if wanted == "auto":
+        return "asgi" if asgi else "wsgi"
+    if wanted == "asgi" and not asgi:
+        raise AppLoadError(
+            f"{spec} is not an ASGI 3 app (an async callable app(scope, receive, send)); "
+            "remove interface: asgi to serve it as WSGI"
+        )
+    if wanted == "wsgi" and asgi:
+        raise AppLoadError(
+            f"{spec} is an async callable (ASGI); remove interface: wsgi to serve it as ASGI"
+        )
+    return wanted

@@ -17,6 +17,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from fcgi_engine.channel import WorkerInfo
 from fcgi_engine.client import ClientError, get_values, request
@@ -26,6 +27,9 @@ from fcgi_engine.serving.loader import WSGIApp
 from fcgi_engine.serving.scoreboard import Scoreboard
 from fcgi_engine.serving.slots import MAX_WORKERS, Slot
 from fcgi_engine.serving.worker import Worker, WorkerOptions
+
+if TYPE_CHECKING:
+    from fcgi_engine.serving.asgi import AsgiWorker
 
 log = logging.getLogger("fcgi_engine.generation")
 
@@ -48,11 +52,13 @@ class PythonWorkers:
         app: WSGIApp,
         spec: BootSpec,
         *,
+        interface: str = "wsgi",
         access_fd: int = -1,
         after_fork: Callable[[], None] = lambda: None,
     ) -> None:
         self.app = app
         self.spec = spec
+        self.interface = interface  # "wsgi" or "asgi", resolved when the app was loaded
         self.server = spec.server
         self.access_fd = access_fd
         # Closes, in a new worker, what only the generation may use (its channel, its wake-up).
@@ -95,7 +101,13 @@ class PythonWorkers:
             # hand-off, as in a rollout: the master boots the next one at once.
             _set_parent_death_signal(signal.SIGHUP)
             self.after_fork()
-            worker = Worker(
+            worker_class: type[Worker] | type[AsgiWorker] = Worker
+            if self.interface == "asgi":
+                # Imported here: asyncio costs a WSGI worker nothing it does not use.
+                from fcgi_engine.serving.asgi import AsgiWorker
+
+                worker_class = AsgiWorker
+            worker = worker_class(
                 self.app,
                 self.listener,
                 options,

@@ -4,12 +4,18 @@ One fixed slot per worker: pid, busy flag, when the current request started, req
 the last heartbeat (monotonic clock, which every process of the host shares) and the current
 request's path (for the timeout log line). Writes are a few bytes into an anonymous shared
 mapping, cheap enough for every request.
+
+A threaded worker has several requests in flight; InFlight shows them in its one slot as the
+generation needs them: busy with the oldest (its start and path, so `timeout` catches the
+request that runs longest), idle when none runs, requests counted as they end.
 """
 
 from __future__ import annotations
 
 import mmap
 import struct
+import threading
+import time
 from dataclasses import dataclass
 
 PATH_BYTES = 120
@@ -38,6 +44,7 @@ _SLOT, _ = _fields("pid", "path")
 _PID, _PID_AT = _fields("pid", "pid")
 _BUSY, _BUSY_AT = _fields("busy", "started")  # what begin() sets
 _DONE, _DONE_AT = _fields("busy", "heartbeat")  # what end() sets
+_REQUESTS, _REQUESTS_AT = _fields("requests", "requests")
 _HEARTBEAT, _HEARTBEAT_AT = _fields("heartbeat", "heartbeat")
 _PATH, _PATH_AT = _fields("path", "path")
 
@@ -72,6 +79,9 @@ class Scoreboard:
     def end(self, slot: int, requests: int, heartbeat: float) -> None:
         _DONE.pack_into(self._map, slot * _SLOT.size + _DONE_AT, 0, 0.0, requests, heartbeat)
 
+    def count(self, slot: int, requests: int) -> None:
+        _REQUESTS.pack_into(self._map, slot * _SLOT.size + _REQUESTS_AT, requests)
+
     def heartbeat(self, slot: int, now: float) -> None:
         _HEARTBEAT.pack_into(self._map, slot * _SLOT.size + _HEARTBEAT_AT, now)
 
@@ -80,3 +90,48 @@ class Scoreboard:
         return WorkerState(
             pid, bool(busy), started, requests, beat, path.rstrip(b"\0").decode("latin-1")
         )
+
+
+class InFlight:
+    """The requests one worker's threads are running, written to its slot: begin() and end()
+    are called from those threads, under a lock."""
+
+    def __init__(self, board: Scoreboard | None, slot: int) -> None:
+        self.board = board
+        self.slot = slot
+        self.ended = 0
+        self._lock = threading.Lock()
+        # token -> (wall-clock start, path), oldest first: tokens are taken in order, under the
+        # lock, and a dict keeps insertion order.
+        self._running: dict[int, tuple[float, str]] = {}
+        self._next = 0
+
+    def begin(self, path: str) -> int:
+        with self._lock:
+            token = self._next
+            self._next += 1
+            started = time.time()
+            self._running[token] = (started, path)
+            if len(self._running) == 1 and self.board is not None:
+                self.board.begin(self.slot, started, path)
+            return token
+
+    def end(self, token: int) -> None:
+        with self._lock:
+            running = self._running
+            was_oldest = next(iter(running)) == token
+            del running[token]
+            self.ended += 1
+            board = self.board
+            if board is None:
+                return
+            if not running:
+                board.end(self.slot, self.ended, time.monotonic())
+                return
+            board.count(self.slot, self.ended)
+            if was_oldest:
+                board.begin(self.slot, *next(iter(running.values())))
+
+    def oldest(self) -> tuple[float, str] | None:
+        with self._lock:
+            return next(iter(self._running.values()), None)

@@ -1,4 +1,4 @@
-"""The worker: one process, one request at a time, many connections.
+"""The worker: one process, one request at a time (or `threads` at once), many connections.
 
 It watches the shared listening socket, its own connections and (when a generation hands
 connections over) the hand-off socket in one epoll set. Every connection is read without
@@ -13,6 +13,14 @@ live (SIGUSR2). Draining stops accepting, finishes the request in hand, and pass
 keep-alive connection to the next generation through the hand-off socket instead of closing it
 under the web server's feet.
 
+With `threads: N` > 1 the loop stays the only reader of connections; a complete request goes to
+one of N threads (each with its own response sink) and its connection leaves the epoll set
+until the thread hands it back (the `done` queue and a poke of the wake-up pipe); then the loop
+resumes keep-alive or closes it, as after an inline request. An idle connection never holds a
+thread. With all N busy, the loop reads no connection and accepts nothing (requests wait in
+their sockets and the backlog) but keeps its deadlines and heartbeat. With N == 1 nothing of
+this exists: the app runs inline, as it always did.
+
 Beside it: handoff.py (the hand-off message and its SCM_RIGHTS transfer), access_log.py (the
 access log), wsgi.py (one request through the app), body.py and environ.py (what the app is
 given), scoreboard.py (what the generation sees of its workers).
@@ -24,13 +32,15 @@ import enum
 import errno
 import logging
 import os
+import queue
 import select
 import signal
 import socket
 import struct
 import sys
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -53,7 +63,7 @@ from fcgi_engine.serving.body import EMPTY_BODY, ClientDisconnected, InputStream
 from fcgi_engine.serving.environ import build_environ
 from fcgi_engine.serving.handoff import receive_connection, send_connection
 from fcgi_engine.serving.loader import WSGIApp
-from fcgi_engine.serving.scoreboard import Scoreboard
+from fcgi_engine.serving.scoreboard import InFlight, Scoreboard
 from fcgi_engine.serving.wsgi import (
     ErrorStream,
     FileWrapper,
@@ -89,6 +99,7 @@ class Phase(enum.IntEnum):
     IDLE = 3  # the next request on a kept-alive connection
     LINGER = 4  # the end of a request nobody will read, before closing
     PRIVATE = 5  # the generation's proof connection: never expires
+    BUSY = 6  # its request runs in a thread: not watched, no deadline, not the loop's
 
 
 # The request path compares phases several times per request, and on Python 3.11 each
@@ -99,6 +110,7 @@ _BODY = Phase.BODY
 _IDLE = Phase.IDLE
 _LINGER = Phase.LINGER
 _PRIVATE = Phase.PRIVATE
+_BUSY = Phase.BUSY
 
 
 @dataclass(frozen=True)
@@ -137,6 +149,7 @@ class _Conn:
         "request",
         "body",
         "peer",
+        "resume_phase",
     )
 
     def __init__(self, sock: socket.socket, proto: Connection, peer: Any) -> None:
@@ -150,6 +163,8 @@ class _Conn:
         self.request: RequestReady | None = None
         self.body: SpooledBody | None = None
         self.peer = peer
+        # A threaded request's connection: the phase to return to (PRIVATE or NONE).
+        self.resume_phase = _NONE
 
 
 class _Throttled:
@@ -273,10 +288,25 @@ class Worker:
             else None
         )
         self._sink = self._logged_sink or _ResponseSink(options.settings.send_timeout)
+        self._threads: _Threads | None = None
+        if options.settings.threads > 1:
+            self._threads = _Threads(options.settings.threads, self._new_sink, self._wakeup)
+            self._threads.run = self._run_threaded
+            self._in_flight = InFlight(scoreboard, slot)
+            # The instance attribute shadows the inline method: the N == 1 path is untouched.
+            self._handle_complete = self._dispatch  # type: ignore[method-assign]
+
+    def _new_sink(self) -> _ResponseSink:
+        timeout = self.settings.send_timeout
+        if self.access_log is not None:
+            return _LoggedResponseSink(timeout, self.access_log)
+        return _ResponseSink(timeout)
 
     def close(self) -> None:
-        """Release the epoll set and the wake-up pipe. A worker process never needs this (it
-        exits after run()); a worker run inside another process, as in the tests, does."""
+        """Release the epoll set, the wake-up pipe and the threads. A worker process never needs
+        this (it exits after run()); a worker run inside another process, as in the tests, does."""
+        if self._threads is not None:
+            self._threads.stop()
         self._epoll.close()
         self._wakeup.close()
 
@@ -324,6 +354,9 @@ class Worker:
         listen_fd = self.listener.fileno()
         handoff_fd = self.handoff_recv.fileno() if self.handoff_recv is not None else -1
         wakeup_fd = self._wakeup.read_fd
+        threads = self._threads
+        if threads is not None:
+            threads.start()
         next_sweep = 0.0
         while True:
             if self._draining and not self._drain_started:
@@ -332,12 +365,20 @@ class Worker:
             if self._draining and not self.conns:
                 return
             self._update_listening()
+            saturated = threads is not None and threads.full
             try:
-                events = ep.poll(0 if self.pending else SWEEP_SECONDS)
+                if saturated:
+                    # Every thread busy: wait for one to finish (or a signal), read nothing.
+                    events = threads.wait(SWEEP_SECONDS)  # type: ignore[union-attr]
+                else:
+                    events = ep.poll(0 if self.pending else SWEEP_SECONDS)
             except InterruptedError:
                 continue
             self._now = now = time.monotonic()
-            if self.pending:
+            if threads is not None:
+                self._collect(threads)
+                saturated = threads.full
+            if self.pending and not saturated:
                 ready = list(self.pending.values())
                 self.pending.clear()
                 for conn in ready:
@@ -357,7 +398,7 @@ class Worker:
                         self._receive_handoff()
                 else:
                     watched = self.conns.get(fd)
-                    if watched is not None:
+                    if watched is not None and watched.phase != _BUSY:
                         self._serve(watched)
                 if self._draining:
                     break
@@ -531,7 +572,9 @@ class Worker:
     def _release_idle(self) -> None:
         """On drain: pass idle keep-alive connections on, or close them on a plain stop."""
         for conn in list(self.conns.values()):
-            if not conn.proto.idle or conn.request is not None or conn.phase == _LINGER:
+            if conn.phase == _BUSY or conn.phase == _LINGER:
+                continue  # a thread's (it comes back through _resume), or closing anyway
+            if not conn.proto.idle or conn.request is not None:
                 continue
             if conn.phase == _PRIVATE:
                 self._close(conn)
@@ -760,6 +803,11 @@ class Worker:
         finally:
             if body is not None:
                 body.close()
+        self._resume(conn)
+
+    def _resume(self, conn: _Conn) -> None:
+        """A response is sent and the connection still open: keep it alive, pass it on (when
+        draining) or close it."""
         proto = conn.proto
         if proto.must_close:
             self._close_after_response(conn)
@@ -827,13 +875,17 @@ class Worker:
                 return False
         return True
 
+    def _environ(self, event: RequestReady, body: SpooledBody | None) -> dict[str, Any]:
+        stream = InputStream(body.reader() if body is not None else EMPTY_BODY)
+        environ = build_environ(event.params, stream, self.errors, self.settings.script_name)
+        environ["wsgi.file_wrapper"] = FileWrapper
+        return environ
+
     def _handle(self, conn: _Conn, event: RequestReady, body: SpooledBody | None) -> bool:
         """Run one complete request through the app. False when the connection was closed."""
         sink = self._sink
         sink.start(conn.sock, conn.proto, event.request_id)
-        stream = InputStream(body.reader() if body is not None else EMPTY_BODY)
-        environ = build_environ(event.params, stream, self.errors, self.settings.script_name)
-        environ["wsgi.file_wrapper"] = FileWrapper
+        environ = self._environ(event, body)
         began = time.monotonic()
         board = self.scoreboard
         if board is not None:
@@ -854,6 +906,142 @@ class Worker:
             if self._logged_sink is not None:
                 self._logged_sink.log_request(environ, began)
         return True
+
+    # ------------------------------------------------------------ threads (threads > 1)
+
+    def _dispatch(self, conn: _Conn, request: RequestReady) -> None:
+        """The whole request is here: hand it and its connection to a thread. The loop stops
+        watching the connection until _collect takes it back."""
+        threads = self._threads
+        assert threads is not None
+        body = conn.body
+        conn.request = None
+        conn.body = None
+        if conn.registered:
+            self._epoll.unregister(conn.fd)
+            conn.registered = False
+        self.pending.pop(conn.fd, None)
+        conn.resume_phase = _PRIVATE if conn.phase == _PRIVATE else _NONE
+        conn.phase = _BUSY
+        conn.deadline = 0.0
+        self.requests += 1
+        threads.submit((conn, request, body))
+
+    def _collect(self, threads: _Threads) -> None:
+        """Take back the connections whose responses the threads finished."""
+        self._wakeup.drain()
+        for conn, sent in threads.finished():
+            conn.phase = conn.resume_phase
+            if sent:
+                self._resume(conn)
+            else:
+                self._close(conn)
+
+    def _run_threaded(self, sink: _ResponseSink, job: _Job) -> bool:
+        """In a thread: one request through the app. False when the connection must close.
+        Touches only this request's connection and sink; the loop has let go of both."""
+        conn, event, body = job
+        try:
+            sink.start(conn.sock, conn.proto, event.request_id)
+            environ = self._environ(event, body)
+            environ["wsgi.multithread"] = True
+            began = time.monotonic()
+            token = self._in_flight.begin(environ["PATH_INFO"])
+            try:
+                run_app(self.app, environ, sink.send, sink.finish)
+            except ClientDisconnected as exc:
+                log.info("client went away on %s: %s", environ.get("PATH_INFO"), exc)
+                return False
+            except ResponseCutOff:
+                return False
+            finally:
+                self._in_flight.end(token)
+                if isinstance(sink, _LoggedResponseSink):
+                    sink.log_request(environ, began)
+            return True
+        finally:
+            if body is not None:
+                body.close()
+
+
+_Job = tuple[_Conn, RequestReady, "SpooledBody | None"]
+
+
+class _Threads:
+    """N daemon threads, each with its own response sink, running the requests the loop
+    submits. A finished request's connection goes back on `done`, and the wake-up pipe is
+    poked so the loop takes it at once. `busy` (requests submitted and not yet collected) is
+    the loop's alone. Daemon threads: SIGQUIT exits at once, whatever they run."""
+
+    def __init__(
+        self, count: int, make_sink: Callable[[], _ResponseSink], wakeup: WakeupPipe
+    ) -> None:
+        self.count = count
+        self.busy = 0
+        self.run: Callable[[_ResponseSink, _Job], bool] | None = None
+        self._make_sink = make_sink
+        self._wakeup = wakeup
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[tuple[_Conn, bool]] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._poller = select.poll()
+        self._poller.register(wakeup.read_fd, select.POLLIN)
+
+    @property
+    def full(self) -> bool:
+        return self.busy >= self.count
+
+    def start(self) -> None:
+        for i in range(self.count):
+            thread = threading.Thread(
+                target=self._work, args=(self._make_sink(),), name=f"request-{i}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def submit(self, job: _Job) -> None:
+        self.busy += 1
+        self._jobs.put(job)
+
+    def finished(self) -> Iterator[tuple[_Conn, bool]]:
+        while True:
+            try:
+                item = self._done.get_nowait()
+            except queue.Empty:
+                return
+            self.busy -= 1
+            yield item
+
+    def wait(self, timeout: float) -> list[tuple[int, int]]:
+        """Block until a thread finishes (or a signal arrives), at most `timeout` seconds;
+        the result reads as epoll events."""
+        fd = self._wakeup.read_fd
+        return [(fd, select.EPOLLIN)] if self._poller.poll(timeout * 1000) else []
+
+    def _work(self, sink: _ResponseSink) -> None:
+        run = self.run
+        assert run is not None
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                sent = run(sink, job)
+            except BaseException:  # noqa: BLE001 - a bug here must not lose the connection
+                log.exception("request thread failed")
+                sent = False
+            self._done.put((job[0], sent))
+            try:
+                os.write(self._wakeup.write_fd, b"\0")
+            except (BlockingIOError, OSError):
+                pass  # full: the loop wakes anyway; closed: the worker is gone
+
+    def stop(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join(5)
+        self._threads = []
 
 
 class _ResponseSink:

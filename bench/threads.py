@@ -1,0 +1,160 @@
+"""An app whose view waits 50 ms, 64 concurrent clients, 2 workers, through one nginx:
+fcgi-engine `--threads N` (FastCGI, upstream keepalive) against gunicorn's gthread workers
+(HTTP, nginx proxy_pass with keepalive), same run.
+
+    python3 bench/threads.py [--seconds 10] [--threads 32] [--rounds 1]
+
+This file is also the app both serve (`application`). Needs nginx, wrk, gunicorn (PyPI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WAIT = 0.05
+CLIENTS = 64
+
+NGINX = """
+daemon off; worker_processes 1; {user} pid {d}/nginx.pid; error_log {d}/nginx.err warn;
+events {{ worker_connections 4096; }}
+http {{ access_log off;
+  client_body_temp_path {d}/b; fastcgi_temp_path {d}/f; proxy_temp_path {d}/p;
+  uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;
+  upstream fcgi {{ server unix:{d}/app.sock; keepalive 64; }}
+  upstream http {{ server unix:{d}/http.sock; keepalive 64; }}
+  server {{ listen 127.0.0.1:{port};
+    location /fcgi/ {{ include /etc/nginx/fastcgi_params; fastcgi_pass fcgi;
+                      fastcgi_keep_conn on; }}
+    location /http/ {{ proxy_pass http://http; proxy_http_version 1.1;
+                      proxy_set_header Connection ""; }}
+  }}
+}}
+"""
+
+
+def application(environ, start_response):  # type: ignore[no-untyped-def]
+    time.sleep(WAIT)
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "6")])
+    return [b"waited"]
+
+
+def backends(d: str, nproc: int, threads: int) -> dict[str, tuple[list[str], str, str]]:
+    """name -> (command, socket it listens on, URL path through nginx)."""
+    return {
+        "fcgi-engine threads": (
+            [sys.executable, "-m", "fcgi_engine", "serve", f"{HERE}/threads.py",
+             "--listen", f"{d}/app.sock", "--nproc", str(nproc), "--threads", str(threads)],
+            f"{d}/app.sock",
+            "/fcgi/",
+        ),
+        "gunicorn gthread": (
+            ["gunicorn", "--chdir", str(HERE), "--bind", f"unix:{d}/http.sock", "--workers",
+             str(nproc), "--worker-class", "gthread", "--threads", str(threads),
+             "--keep-alive", "75", "threads:application"],
+            f"{d}/http.sock",
+            "/http/",
+        ),
+    }  # fmt: skip
+
+
+def wait_socket(path: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"backend never listened on {path}")
+
+
+def wrk(port: int, path: str, seconds: float) -> dict[str, float]:
+    out = subprocess.run(
+        ["wrk", "-t4", f"-c{CLIENTS}", f"-d{seconds:g}s", "--latency",
+         f"http://127.0.0.1:{port}{path}"],
+        capture_output=True, text=True, timeout=seconds + 30,
+    ).stdout  # fmt: skip
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+    )
+    result = {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "errors": (int(bad.group(1)) if bad else 0)
+        + (sum(map(int, sock_errors.groups())) if sock_errors else 0),
+    }
+    for pct in ("50", "99"):
+        m = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)\b", out)
+        assert m is not None, out
+        result[f"p{pct}_ms"] = float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=1)
+    args = parser.parse_args()
+    for tool in ("nginx", "wrk", "gunicorn"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is not installed")
+    d = tempfile.mkdtemp(prefix="fe-bench-")
+    port = 19000 + os.getpid() % 1000
+    conf = Path(d) / "nginx.conf"
+    user = "user root;" if os.geteuid() == 0 else ""
+    conf.write_text(NGINX.format(d=d, port=port, user=user))
+    nginx = subprocess.Popen(["nginx", "-c", str(conf), "-p", d])
+    ideal = min(CLIENTS, args.nproc * args.threads) / WAIT
+    print(
+        f"view waits {WAIT * 1000:g} ms, {CLIENTS} clients, {args.nproc} workers x "
+        f"{args.threads} threads; ideal {ideal:.0f} req/s"
+    )
+    try:
+        for _round in range(args.rounds):
+            for name, (cmd, sock, path) in backends(d, args.nproc, args.threads).items():
+                proc = subprocess.Popen(
+                    cmd,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+                try:
+                    wait_socket(sock)
+                    os.chmod(sock, 0o666)
+                    wrk(port, path, 1)  # warm up
+                    r = wrk(port, path, args.seconds)
+                    print(
+                        f"{name:20s} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:6.1f} ms  "
+                        f"p99 {r['p99_ms']:6.1f} ms  errors {r['errors']:.0f}",
+                        flush=True,
+                    )
+                finally:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    try:
+                        proc.wait(15)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait()
+                    try:
+                        os.unlink(sock)
+                    except OSError:
+                        pass
+    finally:
+        nginx.send_signal(signal.SIGQUIT)
+        nginx.wait(10)
+        shutil.rmtree(d, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
