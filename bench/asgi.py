@@ -20,7 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from threads import CLIENTS, NGINX, wait_socket, wrk
+from common import stop_group, wait_socket
+from threads import CLIENTS, NGINX, wrk
 
 HERE = Path(__file__).resolve().parent
 WAIT = 0.05
@@ -96,12 +97,7 @@ def main() -> int:
                             flush=True,
                         )
                 finally:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    try:
-                        proc.wait(15)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                        proc.wait()
+                    stop_group(proc, 15)
                     try:
                         os.unlink(sock)
                     except OSError:

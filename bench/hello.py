@@ -13,61 +13,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import NGINX
+from common import NGINX, cpu_seconds, stop_group, tree, wait_socket, wrk
 
 HERE = Path(__file__).resolve().parent
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / TICK
-
-
-def wait_socket(path: str, timeout: float = 20.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect(path)
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"backend never listened on {path}")
 
 
 def backends(d: str, nproc: int) -> dict[str, list[str]]:
@@ -113,31 +68,6 @@ def backends(d: str, nproc: int) -> dict[str, list[str]]:
             "--die-on-term",
         ],
     }
-
-
-def wrk(port: int, path: str, seconds: float) -> dict[str, float]:
-    out = subprocess.run(
-        ["wrk", "-t2", "-c16", f"-d{seconds:g}s", "--latency", f"http://127.0.0.1:{port}{path}"],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 30,
-    ).stdout
-    result = {
-        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        "requests": int(re.search(r"(\d+) requests in", out).group(1)),
-    }
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    socket_errors = re.search(
-        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
-    )
-    result["errors"] = (int(errors.group(1)) if errors else 0) + (
-        sum(int(x) for x in socket_errors.groups()) if socket_errors else 0
-    )
-    for pct in ("50", "99"):
-        m = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out)
-        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
-        result[f"p{pct}_ms"] = float(m.group(1)) * scale
-    return result
 
 
 def main() -> int:
@@ -206,12 +136,7 @@ def main() -> int:
                             flush=True,
                         )
                 finally:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    try:
-                        proc.wait(10)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                        proc.wait()
+                    stop_group(proc, 10)
                     for leftover in tree(proc.pid)[1:]:
                         try:
                             os.kill(leftover, signal.SIGKILL)

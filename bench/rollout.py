@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import NGINX
+from common import NGINX, stop_group
 
 APP = """
 import time
@@ -216,12 +216,7 @@ def run_one(name: str, d: Path, port: int, mode: str, seconds: float, every: flo
     finally:
         if name == "perl-fcgi-engine":
             subprocess.run([*manage, "stop"], capture_output=True, timeout=60)
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, 20)
         if sock.exists():
             sock.unlink()
 

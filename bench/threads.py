@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -20,16 +19,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import NGINX_HEAD, stop_group, wait_socket
+from common import wrk as wrk_any
+
 HERE = Path(__file__).resolve().parent
 WAIT = 0.05
 CLIENTS = 64
 
-NGINX = """
-daemon off; worker_processes 1; {user} pid {d}/nginx.pid; error_log {d}/nginx.err warn;
-events {{ worker_connections 4096; }}
-http {{ access_log off;
-  client_body_temp_path {d}/b; fastcgi_temp_path {d}/f; proxy_temp_path {d}/p;
-  uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;
+NGINX = (
+    NGINX_HEAD
+    + """\
   upstream fcgi {{ server unix:{d}/app.sock; keepalive 64; }}
   upstream http {{ server unix:{d}/http.sock; keepalive 64; }}
   server {{ listen 127.0.0.1:{port};
@@ -40,6 +39,7 @@ http {{ access_log off;
   }}
 }}
 """
+)
 
 
 def application(environ, start_response):  # type: ignore[no-untyped-def]
@@ -65,37 +65,6 @@ def backends(d: str, nproc: int, threads: int) -> dict[str, tuple[list[str], str
             "/http/",
         ),
     }  # fmt: skip
-
-
-def wait_socket(path: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if os.path.exists(path):
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"backend never listened on {path}")
-
-
-def wrk(port: int, path: str, seconds: float) -> dict[str, float]:
-    out = subprocess.run(
-        ["wrk", "-t4", f"-c{CLIENTS}", f"-d{seconds:g}s", "--latency",
-         f"http://127.0.0.1:{port}{path}"],
-        capture_output=True, text=True, timeout=seconds + 30,
-    ).stdout  # fmt: skip
-    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    sock_errors = re.search(
-        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
-    )
-    result = {
-        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-        "errors": (int(bad.group(1)) if bad else 0)
-        + (sum(map(int, sock_errors.groups())) if sock_errors else 0),
-    }
-    for pct in ("50", "99"):
-        m = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)\b", out)
-        assert m is not None, out
-        result[f"p{pct}_ms"] = float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
-    return result
 
 
 def main() -> int:
@@ -139,12 +108,7 @@ def main() -> int:
                         flush=True,
                     )
                 finally:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    try:
-                        proc.wait(15)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                        proc.wait()
+                    stop_group(proc, 15)
                     try:
                         os.unlink(sock)
                     except OSError:
@@ -158,3 +122,7 @@ def main() -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def wrk(port: int, path: str, seconds: float) -> dict[str, float]:
+    return wrk_any(port, path, seconds, threads=4, connections=CLIENTS)

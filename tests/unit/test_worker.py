@@ -36,7 +36,8 @@ from fcgi_engine.serving.scoreboard import (
     Scoreboard,
     WorkerState,
 )
-from fcgi_engine.serving.worker import Worker, WorkerOptions
+from fcgi_engine.serving.worker import Worker
+from fcgi_engine.serving.worker_base import WorkerOptions
 
 TIMEOUT = 5.0
 
@@ -78,7 +79,7 @@ def listening(path: Path) -> Iterator[socket.socket]:
 
 def stop(worker: Worker, signum: int = signal.SIGTERM) -> None:
     """What the signal would do: SIGTERM drains and closes, SIGHUP drains with hand-off."""
-    (worker._on_hup if signum == signal.SIGHUP else worker._on_term)(signum, None)
+    worker.signal_handlers()[signum]()
     os.write(worker._wakeup.write_fd, b"!")
 
 

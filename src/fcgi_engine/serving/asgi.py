@@ -22,10 +22,8 @@ that blocks the loop, and a heartbeat is written every SWEEP_SECONDS.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
-import signal
 import socket
 import sys
 import time
@@ -44,22 +42,12 @@ from fcgi_engine.protocol import (
     StdinData,
     StdinEnd,
 )
-from fcgi_engine.serving.access_log import AccessLog
 from fcgi_engine.serving.asgi_scope import build_scope, response_head
 from fcgi_engine.serving.body import ClientDisconnected
-from fcgi_engine.serving.handoff import receive_connection, send_connection
+from fcgi_engine.serving.handoff import send_connection
 from fcgi_engine.serving.scoreboard import Scoreboard
-from fcgi_engine.serving.worker import (
-    _RESOURCE_ERRORS,
-    ACCEPT_BACKOFF,
-    LINGER_SECONDS,
-    RECV_SIZE,
-    SWEEP_SECONDS,
-    Phase,
-    WorkerOptions,
-    _Throttled,
-    describe_peer,
-)
+from fcgi_engine.serving.worker import LINGER_SECONDS, RECV_SIZE, describe_peer
+from fcgi_engine.serving.worker_base import SWEEP_SECONDS, Phase, WorkerBase, WorkerOptions
 from fcgi_engine.serving.wsgi import ERROR_500, simple_response
 
 log = logging.getLogger("fcgi_engine.worker")
@@ -129,7 +117,7 @@ class _Cut(Exception):
     """The connection must close without ending the request (a cut-off response)."""
 
 
-class AsgiWorker:
+class AsgiWorker(WorkerBase[_Conn]):
     def __init__(
         self,
         app: ASGIApp,
@@ -145,33 +133,20 @@ class AsgiWorker:
         live: bool = True,
         access_fd: int = -1,
     ) -> None:
-        self.app = app
-        self.listener = listener
-        self.options = options
-        self.settings = options.settings
-        self.handoff_send = handoff_send
-        self.handoff_recv = handoff_recv
-        self.private = private
-        self.scoreboard = scoreboard
-        self.slot = slot
-        self.errors = errors or sys.stderr
-        self.requests = 0
-        self.conns: dict[int, _Conn] = {}
-        self._live = live
-        self._listening = False
-        self._draining = False
-        self._drain_started = 0.0
-        self._handoff_on_drain = False
-        self._reopen_logs = False
-        self._accept_paused_until = 0.0
-        self._parent = os.getppid()
-        self._family = int(listener.family)
-        self._throttled = _Throttled()
-        self.access_log = (
-            AccessLog(options.settings.access_log, access_fd)
-            if access_fd >= 0 or options.settings.access_log
-            else None
+        super().__init__(
+            listener,
+            options,
+            handoff_send=handoff_send,
+            handoff_recv=handoff_recv,
+            private=private,
+            scoreboard=scoreboard,
+            slot=slot,
+            live=live,
+            access_fd=access_fd,
         )
+        self.app = app
+        self.errors = errors or sys.stderr
+        self._drain_started = 0.0
         # Requests in the app, oldest first: (wall clock start, path) for the scoreboard.
         self._in_flight: dict[int, tuple[float, str]] = {}
         self._next_request_key = 0
@@ -182,44 +157,6 @@ class AsgiWorker:
         self._slots: asyncio.Semaphore | None = None
 
     # ------------------------------------------------------------ signals
-
-    def install_signals(self) -> None:
-        """Until the loop runs, signals only set flags; run() hands them to the loop."""
-        for signum, handler in self._handlers().items():
-            signal.signal(signum, _as_signal_handler(handler))
-        signal.signal(signal.SIGTTIN, signal.SIG_IGN)
-        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-
-    def _handlers(self) -> dict[int, Callable[[], None]]:
-        return {
-            signal.SIGTERM: self._on_term,
-            signal.SIGHUP: self._on_hup,
-            signal.SIGQUIT: self._on_quit,
-            signal.SIGINT: self._on_quit,
-            signal.SIGUSR1: self._on_usr1,
-            signal.SIGUSR2: self._on_live,
-        }
-
-    def _on_term(self) -> None:
-        self._draining = True
-        self._poke()
-
-    def _on_hup(self) -> None:
-        self._draining = True
-        self._handoff_on_drain = self.handoff_send is not None
-        self._poke()
-
-    def _on_usr1(self) -> None:
-        self._reopen_logs = True
-        self._poke()
-
-    def _on_live(self) -> None:
-        self._live = True
-        self._poke()
-
-    def _on_quit(self) -> None:
-        raise SystemExit(0)
 
     def _poke(self) -> None:
         """Wake the main loop now (it otherwise wakes every SWEEP_SECONDS)."""
@@ -248,7 +185,7 @@ class AsgiWorker:
 
     async def _main(self) -> None:
         loop = asyncio.get_running_loop()
-        for signum, handler in self._handlers().items():
+        for signum, handler in self.signal_handlers().items():
             loop.add_signal_handler(signum, handler)
         self._slots = asyncio.Semaphore(max(1, self.settings.max_concurrency))
         self.listener.setblocking(False)
@@ -262,7 +199,7 @@ class AsgiWorker:
             self._adopt(self.private, b"", phase=Phase.PRIVATE)
         while True:
             now = time.monotonic()
-            self._sweep(now)
+            self._housekeeping(now)
             if self._draining and not self._drain_started:
                 self._drain_started = now
                 self._release_idle()
@@ -280,21 +217,6 @@ class AsgiWorker:
         if self._lifespan is not None and self._lifespan.supported:
             spent = time.monotonic() - (self._drain_started or time.monotonic())
             await self._lifespan.shutdown(max(1.0, self.settings.graceful_timeout - spent))
-
-    def _sweep(self, now: float) -> None:
-        if self.scoreboard is not None:
-            self.scoreboard.heartbeat(self.slot, now)
-        if self._reopen_logs:
-            self._reopen_logs = False
-            try:
-                if self.access_log is not None:
-                    self.access_log.reopen()
-            except OSError as exc:
-                log.error("cannot reopen the access log: %s", exc)
-        if os.getppid() != self._parent and not self._draining:
-            log.warning("worker %d: its generation is gone; draining", os.getpid())
-            self._draining = True
-            self._handoff_on_drain = self.handoff_send is not None
 
     def _update_listening(self) -> None:
         want = (
@@ -315,59 +237,6 @@ class AsgiWorker:
             loop.remove_reader(self.listener.fileno())
             if self.handoff_recv is not None:
                 loop.remove_reader(self.handoff_recv.fileno())
-
-    def _accept(self) -> None:
-        try:
-            fd, addr = self.listener._accept()  # type: ignore[attr-defined]
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            if exc.errno in _RESOURCE_ERRORS:
-                self._out_of_resources(f"accept failed: {exc.strerror}")
-                return
-            if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                return
-            raise
-        sock = socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
-        allowed = self.options.allowed
-        if allowed is not None and isinstance(addr, tuple) and not allowed.allows(addr[0]):
-            self._throttled.log(
-                logging.WARNING,
-                "refused",
-                f"refused a connection from {addr[0]} (not in FCGI_WEB_SERVER_ADDRS / "
-                f"allowed_addrs: {', '.join(allowed.entries)})",
-                time.monotonic(),
-            )
-            sock.close()
-            return
-        self._adopt(sock, b"", peer=addr, phase=Phase.PARAMS)
-
-    def _out_of_resources(self, what: str) -> None:
-        now = time.monotonic()
-        self._accept_paused_until = now + ACCEPT_BACKOFF
-        self._update_listening()
-        self._throttled.log(
-            logging.ERROR,
-            "resources",
-            f"worker {os.getpid()}: {what}; not accepting for {ACCEPT_BACKOFF:g} s "
-            f"({len(self.conns)} connections open)",
-            now,
-        )
-
-    def _receive_handoff(self) -> None:
-        assert self.handoff_recv is not None
-        try:
-            handed = receive_connection(self.handoff_recv)
-        except OSError as exc:
-            if exc.errno in _RESOURCE_ERRORS:
-                self._out_of_resources(f"receiving a handed-over connection failed: {exc}")
-            return
-        if handed is None:
-            return
-        if handed.sock is None:
-            self._out_of_resources("a handed-over connection was lost: no file descriptor left")
-            return
-        self._adopt(handed.sock, handed.leftover, handed.ended)
 
     def _adopt(
         self,

@@ -26,7 +26,8 @@ from fcgi_engine.serving.kind import BootFailed
 from fcgi_engine.serving.loader import WSGIApp
 from fcgi_engine.serving.scoreboard import Scoreboard
 from fcgi_engine.serving.slots import MAX_WORKERS, Slot
-from fcgi_engine.serving.worker import Worker, WorkerOptions
+from fcgi_engine.serving.worker import Worker
+from fcgi_engine.serving.worker_base import WorkerOptions
 
 if TYPE_CHECKING:
     from fcgi_engine.serving.asgi import AsgiWorker

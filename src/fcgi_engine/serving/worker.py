@@ -28,29 +28,22 @@ given), scoreboard.py (what the generation sees of its workers).
 
 from __future__ import annotations
 
-import enum
-import errno
 import logging
 import os
 import queue
 import select
-import signal
 import socket
 import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO
 
-from fcgi_engine.config.address import AllowList
-from fcgi_engine.config.settings import ServerConfig
 from fcgi_engine.protocol import (
     NEED_DATA,
     Connection,
     ConnectionClosed,
-    Limits,
     ProtocolError,
     RequestAborted,
     RequestReady,
@@ -61,9 +54,15 @@ from fcgi_engine.protocol import (
 from fcgi_engine.serving.access_log import AccessLog
 from fcgi_engine.serving.body import EMPTY_BODY, ClientDisconnected, InputStream, SpooledBody
 from fcgi_engine.serving.environ import build_environ
-from fcgi_engine.serving.handoff import receive_connection, send_connection
+from fcgi_engine.serving.handoff import send_connection
 from fcgi_engine.serving.loader import WSGIApp
 from fcgi_engine.serving.scoreboard import InFlight, Scoreboard
+from fcgi_engine.serving.worker_base import (
+    SWEEP_SECONDS,
+    Phase,
+    WorkerBase,
+    WorkerOptions,
+)
 from fcgi_engine.serving.wsgi import (
     ErrorStream,
     FileWrapper,
@@ -79,27 +78,7 @@ RECV_SIZE = 256 * 1024
 # How long a closing connection may keep draining a request body nobody will read: closing on
 # unread data resets the connection, and the web server could lose the answer or say 502.
 LINGER_SECONDS = 2.0
-# How often deadlines are checked and the heartbeat written; deadlines are that precise.
-SWEEP_SECONDS = 0.5
-# After accept fails for want of file descriptors (or memory), stop accepting this long: the
-# listener stays readable, and retrying at once would spin at full CPU.
-ACCEPT_BACKOFF = 0.5
-# The same complaint (EMFILE, a refused peer) is logged at most once per interval.
-LOG_INTERVAL = 10.0
 _EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 0)
-_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-
-
-class Phase(enum.IntEnum):
-    """What a connection is waiting for; each phase but PRIVATE has a deadline."""
-
-    NONE = 0  # nothing decided yet
-    PARAMS = 1  # the rest of a request's params (from its first byte, or from the accept)
-    BODY = 2  # the rest of a request's body
-    IDLE = 3  # the next request on a kept-alive connection
-    LINGER = 4  # the end of a request nobody will read, before closing
-    PRIVATE = 5  # the generation's proof connection: never expires
-    BUSY = 6  # its request runs in a thread: not watched, no deadline, not the loop's
 
 
 # The request path compares phases several times per request, and on Python 3.11 each
@@ -111,31 +90,6 @@ _IDLE = Phase.IDLE
 _LINGER = Phase.LINGER
 _PRIVATE = Phase.PRIVATE
 _BUSY = Phase.BUSY
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    """What one worker runs with: the server's settings as ServerConfig declares them (the one
-    table; a new setting needs no field here) and what the generation derives from them."""
-
-    settings: ServerConfig
-    limits: Limits
-    allowed: AllowList | None  # the TCP peers taken; None: every peer
-    max_requests: int  # settings.max_requests, plus this worker's share of the jitter
-
-    @classmethod
-    def derive(
-        cls, settings: ServerConfig, *, allowed_addrs: Sequence[str], nproc: int, jitter: int = 0
-    ) -> WorkerOptions:
-        allowed = AllowList(allowed_addrs)
-        return cls(
-            settings=settings,
-            limits=Limits(
-                max_params_size=settings.max_params_size, max_conns=nproc, max_reqs=nproc
-            ),
-            allowed=None if allowed.allows_any else allowed,
-            max_requests=settings.max_requests + jitter if settings.max_requests else 0,
-        )
 
 
 class _Conn:
@@ -165,26 +119,6 @@ class _Conn:
         self.peer = peer
         # A threaded request's connection: the phase to return to (PRIVATE or NONE).
         self.resume_phase = _NONE
-
-
-class _Throttled:
-    """Log a recurring complaint once per interval, with how often it recurred meanwhile."""
-
-    def __init__(self, interval: float = LOG_INTERVAL) -> None:
-        self.interval = interval
-        self.last: dict[str, float] = {}
-        self.count: dict[str, int] = {}
-
-    def log(self, level: int, key: str, message: str, now: float) -> None:
-        self.count[key] = self.count.get(key, 0) + 1
-        last = self.last.get(key)
-        if last is not None and now - last < self.interval:
-            return
-        repeats = self.count[key] - 1
-        self.last[key] = now
-        self.count[key] = 0
-        suffix = f" ({repeats} more in the last {now - last:.0f} s)" if repeats and last else ""
-        log.log(level, "%s%s", message, suffix)
 
 
 def send_all(sock: socket.socket, data: bytes | memoryview, timeout: float) -> None:
@@ -229,7 +163,7 @@ def describe_peer(sock: socket.socket, address: Any) -> str:
         return "unix peer"
 
 
-class Worker:
+class Worker(WorkerBase[_Conn]):
     def __init__(
         self,
         app: WSGIApp,
@@ -245,41 +179,25 @@ class Worker:
         live: bool = True,
         access_fd: int = -1,
     ) -> None:
+        super().__init__(
+            listener,
+            options,
+            handoff_send=handoff_send,
+            handoff_recv=handoff_recv,
+            private=private,
+            scoreboard=scoreboard,
+            slot=slot,
+            live=live,
+            access_fd=access_fd,
+        )
         self.app = app
-        self.listener = listener
-        self.options = options
-        self.settings = options.settings
-        self.handoff_send = handoff_send
-        self.handoff_recv = handoff_recv
-        self.private = private
-        self.scoreboard = scoreboard
-        self.slot = slot
         self.errors = ErrorStream(errors or sys.stderr)
-        self.requests = 0
-        self.conns: dict[int, _Conn] = {}
         # Connections with a whole request already buffered: served before waiting again.
         self.pending: dict[int, _Conn] = {}
-        # A generation still proving itself keeps its workers off the shared socket.
-        self._live = live
-        self._listening = False
-        self._draining = False
         self._drain_started = False
-        self._handoff_on_drain = False
-        self._accept_paused_until = 0.0
         self._now = time.monotonic()
-        self._parent = os.getppid()
         self._epoll = select.epoll()
         self._wakeup = WakeupPipe()
-        self._family = int(listener.family)
-        self._throttled = _Throttled()
-        # The access log the generation opened (access_fd), else the configured file opened
-        # here; None when there is none.
-        self.access_log = (
-            AccessLog(options.settings.access_log, access_fd)
-            if access_fd >= 0 or options.settings.access_log
-            else None
-        )
-        self._reopen_logs = False
         # With an access log the sink also counts the status and size, and writes the line;
         # without one, nothing on the request path counts.
         self._logged_sink = (
@@ -313,32 +231,9 @@ class Worker:
     # ------------------------------------------------------------ signals
 
     def install_signals(self) -> None:
+        # A signal wakes the epoll wait through the wake-up pipe; the handlers only set flags.
         self._wakeup.install()
-        signal.signal(signal.SIGTERM, self._on_term)
-        signal.signal(signal.SIGHUP, self._on_hup)
-        signal.signal(signal.SIGQUIT, self._on_quit)
-        signal.signal(signal.SIGINT, self._on_quit)
-        signal.signal(signal.SIGTTIN, signal.SIG_IGN)
-        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-        signal.signal(signal.SIGUSR1, self._on_usr1)
-        signal.signal(signal.SIGUSR2, self._on_live)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-
-    def _on_term(self, signum: int, frame: Any) -> None:
-        self._draining = True
-
-    def _on_hup(self, signum: int, frame: Any) -> None:
-        self._draining = True
-        self._handoff_on_drain = self.handoff_send is not None
-
-    def _on_usr1(self, signum: int, frame: Any) -> None:
-        self._reopen_logs = True
-
-    def _on_live(self, signum: int, frame: Any) -> None:
-        self._live = True
-
-    def _on_quit(self, signum: int, frame: Any) -> None:
-        raise SystemExit(0)
+        super().install_signals()
 
     # ------------------------------------------------------------ loop
 
@@ -412,23 +307,8 @@ class Worker:
                 self._handoff_on_drain = self.handoff_send is not None
 
     def _sweep(self, now: float) -> None:
-        """Housekeeping a few times a second: heartbeat, deadlines, logs, the parent's life."""
-        if self.scoreboard is not None:
-            self.scoreboard.heartbeat(self.slot, now)
-        if self._reopen_logs:
-            self._reopen_logs = False
-            try:
-                if self.access_log is not None:
-                    self.access_log.reopen()
-            except OSError as exc:
-                log.error("cannot reopen the access log: %s", exc)
-        # The parent-death signal (HUP) normally tells us; this is the fallback. Either way the
-        # worker drains with hand-off: its idle keep-alive connections wait in the hand-off
-        # socket for the generation the master boots next, instead of being closed on nginx.
-        if os.getppid() != self._parent and not self._draining:
-            log.warning("worker %d: its generation is gone; draining", os.getpid())
-            self._draining = True
-            self._handoff_on_drain = self.handoff_send is not None
+        """Housekeeping a few times a second: heartbeat, logs, the parent's life, deadlines."""
+        self._housekeeping(now)
         min_rate = self.settings.body_min_rate
         for conn in list(self.conns.values()):
             deadline = conn.deadline
@@ -464,65 +344,6 @@ class Worker:
                     self._epoll.unregister(fd)
                 except OSError:
                     pass
-
-    def _accept(self) -> None:
-        # One connection per readiness event: the listener stays readable while its backlog is
-        # not empty, and the other workers get their share of a burst.
-        listener = self.listener
-        try:
-            # socket._accept and a socket built from known family and type skip the work
-            # socket.accept() redoes on every call (enum conversions of family and type).
-            fd, addr = listener._accept()  # type: ignore[attr-defined]
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            if exc.errno in _RESOURCE_ERRORS:
-                self._out_of_resources(f"accept failed: {exc.strerror}")
-                return
-            if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                return
-            raise
-        sock = socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
-        allowed = self.options.allowed
-        if allowed is not None and isinstance(addr, tuple) and not allowed.allows(addr[0]):
-            self._throttled.log(
-                logging.WARNING,
-                "refused",
-                f"refused a connection from {addr[0]} (not in FCGI_WEB_SERVER_ADDRS / "
-                f"allowed_addrs: {', '.join(allowed.entries)})",
-                self._now,
-            )
-            sock.close()
-            return
-        self._adopt(sock, b"", peer=addr, phase=_PARAMS)
-
-    def _out_of_resources(self, what: str) -> None:
-        self._accept_paused_until = self._now + ACCEPT_BACKOFF
-        self._throttled.log(
-            logging.ERROR,
-            "resources",
-            f"worker {os.getpid()}: {what}; not accepting for {ACCEPT_BACKOFF:g} s "
-            f"({len(self.conns)} connections open)",
-            self._now,
-        )
-
-    def _receive_handoff(self) -> None:
-        # One connection per wake-up, as with accept: a generation's worth of handed-over
-        # keep-alive connections spreads over the new workers instead of piling on one.
-        assert self.handoff_recv is not None
-        try:
-            handed = receive_connection(self.handoff_recv)
-        except OSError as exc:
-            if exc.errno in _RESOURCE_ERRORS:
-                self._out_of_resources(f"receiving a handed-over connection failed: {exc}")
-            return
-        if handed is None:
-            return
-        if handed.sock is None:
-            # The kernel could not give us the descriptor (we are at our limit).
-            self._out_of_resources("a handed-over connection was lost: no file descriptor left")
-            return
-        self._adopt(handed.sock, handed.leftover, handed.ended)
 
     def _adopt(
         self,

@@ -1,0 +1,288 @@
+"""What every Python worker process shares, whatever runs its requests (the inline or threaded
+WSGI worker in worker.py, the ASGI worker in asgi.py): its place in the generation (live or
+still proving itself, the private proof connection, the scoreboard slot), signals as flags,
+accepting (the TCP allow-list, the back-off when out of descriptors), taking handed-over
+connections, and the housekeeping of each sweep (heartbeat, log reopening, the parent's life).
+
+A subclass says how a connection is served (`_adopt`), how the shared socket is watched
+(`_update_listening`) and how its loop is woken early (`_poke`).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from fcgi_engine.config.address import AllowList
+from fcgi_engine.config.settings import ServerConfig
+from fcgi_engine.protocol import Limits
+from fcgi_engine.serving.access_log import AccessLog
+from fcgi_engine.serving.handoff import receive_connection
+from fcgi_engine.serving.scoreboard import Scoreboard
+
+log = logging.getLogger("fcgi_engine.worker")
+
+# How often deadlines are checked and the heartbeat written; deadlines are that precise.
+SWEEP_SECONDS = 0.5
+# After accept fails for want of file descriptors (or memory), stop accepting this long: the
+# listener stays readable, and retrying at once would spin at full CPU.
+ACCEPT_BACKOFF = 0.5
+# The same complaint (EMFILE, a refused peer) is logged at most once per interval.
+LOG_INTERVAL = 10.0
+RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """What one worker runs with: the server's settings as ServerConfig declares them (the one
+    table; a new setting needs no field here) and what the generation derives from them."""
+
+    settings: ServerConfig
+    limits: Limits
+    allowed: AllowList | None  # the TCP peers taken; None: every peer
+    max_requests: int  # settings.max_requests, plus this worker's share of the jitter
+
+    @classmethod
+    def derive(
+        cls, settings: ServerConfig, *, allowed_addrs: Iterable[str], nproc: int, jitter: int = 0
+    ) -> WorkerOptions:
+        allowed = AllowList(list(allowed_addrs))
+        return cls(
+            settings=settings,
+            limits=Limits(
+                max_params_size=settings.max_params_size, max_conns=nproc, max_reqs=nproc
+            ),
+            allowed=None if allowed.allows_any else allowed,
+            max_requests=settings.max_requests + jitter if settings.max_requests else 0,
+        )
+
+
+class Throttled:
+    """Log a recurring complaint once per interval, with how often it recurred meanwhile."""
+
+    def __init__(self, interval: float = LOG_INTERVAL) -> None:
+        self.interval = interval
+        self.last: dict[str, float] = {}
+        self.count: dict[str, int] = {}
+
+    def log(self, level: int, key: str, message: str, now: float) -> None:
+        self.count[key] = self.count.get(key, 0) + 1
+        last = self.last.get(key)
+        if last is not None and now - last < self.interval:
+            return
+        repeats = self.count[key] - 1
+        self.last[key] = now
+        self.count[key] = 0
+        suffix = f" ({repeats} more in the last {now - last:.0f} s)" if repeats and last else ""
+        log.log(level, "%s%s", message, suffix)
+
+
+class Phase(enum.IntEnum):
+    """What a connection is waiting for; each phase but PRIVATE and BUSY has a deadline."""
+
+    NONE = 0  # nothing decided yet
+    PARAMS = 1  # the rest of a request's params (from its first byte, or from the accept)
+    BODY = 2  # the rest of a request's body
+    IDLE = 3  # the next request on a kept-alive connection
+    LINGER = 4  # the end of a request nobody will read, before closing
+    PRIVATE = 5  # the generation's proof connection: never expires
+    BUSY = 6  # its request runs in a thread: not watched, no deadline, not the loop's
+
+
+# Read on every accept: a module name costs nothing, `Phase.PARAMS` a metaclass lookup.
+_PARAMS = Phase.PARAMS
+ConnT = TypeVar("ConnT")
+
+
+class WorkerBase(Generic[ConnT]):
+    def __init__(
+        self,
+        listener: socket.socket,
+        options: WorkerOptions,
+        *,
+        handoff_send: socket.socket | None,
+        handoff_recv: socket.socket | None,
+        private: socket.socket | None,
+        scoreboard: Scoreboard | None,
+        slot: int,
+        live: bool,
+        access_fd: int,
+    ) -> None:
+        self.listener = listener
+        self.options = options
+        self.settings = options.settings
+        self.handoff_send = handoff_send
+        self.handoff_recv = handoff_recv
+        self.private = private
+        self.scoreboard = scoreboard
+        self.slot = slot
+        self.requests = 0
+        self.conns: dict[int, ConnT] = {}
+        # A generation still proving itself keeps its workers off the shared socket.
+        self._live = live
+        self._listening = False
+        self._draining = False
+        self._handoff_on_drain = False
+        self._reopen_logs = False
+        self._accept_paused_until = 0.0
+        self._parent = os.getppid()
+        self._family = int(listener.family)
+        self._throttled = Throttled()
+        # The access log the generation opened (access_fd), else the configured file opened
+        # here; None when there is none.
+        path = options.settings.access_log
+        self.access_log = AccessLog(path, access_fd) if access_fd >= 0 or path else None
+
+    # ------------------------------------------------------------ what a subclass provides
+
+    def _adopt(
+        self,
+        sock: socket.socket,
+        leftover: bytes,
+        ended: Iterable[int] = (),
+        *,
+        peer: Any = None,
+        phase: Phase = Phase.NONE,
+    ) -> None:
+        raise NotImplementedError
+
+    def _update_listening(self) -> None:
+        raise NotImplementedError
+
+    def _poke(self) -> None:
+        """Wake the loop now, where a signal alone does not."""
+
+    # ------------------------------------------------------------ signals, as flags
+
+    def signal_handlers(self) -> dict[int, Callable[[], None]]:
+        return {
+            signal.SIGTERM: self._on_term,
+            signal.SIGHUP: self._on_hup,
+            signal.SIGQUIT: self._on_quit,
+            signal.SIGINT: self._on_quit,
+            signal.SIGUSR1: self._on_usr1,
+            signal.SIGUSR2: self._on_live,
+        }
+
+    def install_signals(self) -> None:
+        for signum, handler in self.signal_handlers().items():
+            signal.signal(signum, _as_signal_handler(handler))
+        # A resize is the generation's business; the generation reaps nothing of ours.
+        signal.signal(signal.SIGTTIN, signal.SIG_IGN)
+        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+    def _on_term(self) -> None:
+        self._draining = True
+        self._poke()
+
+    def _on_hup(self) -> None:
+        self._draining = True
+        self._handoff_on_drain = self.handoff_send is not None
+        self._poke()
+
+    def _on_usr1(self) -> None:
+        self._reopen_logs = True
+        self._poke()
+
+    def _on_live(self) -> None:
+        self._live = True
+        self._poke()
+
+    def _on_quit(self) -> None:
+        raise SystemExit(0)
+
+    # ------------------------------------------------------------ taking connections
+
+    def _accept(self) -> None:
+        # One connection per readiness event: the listener stays readable while its backlog is
+        # not empty, and the other workers get their share of a burst.
+        try:
+            # socket._accept and a socket built from known family and type skip the work
+            # socket.accept() redoes on every call (enum conversions of family and type).
+            fd, addr = self.listener._accept()  # type: ignore[attr-defined]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            if exc.errno in RESOURCE_ERRORS:
+                self._out_of_resources(f"accept failed: {exc.strerror}")
+                return
+            if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                return
+            raise
+        sock = socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
+        allowed = self.options.allowed
+        if allowed is not None and isinstance(addr, tuple) and not allowed.allows(addr[0]):
+            self._throttled.log(
+                logging.WARNING,
+                "refused",
+                f"refused a connection from {addr[0]} (not in FCGI_WEB_SERVER_ADDRS / "
+                f"allowed_addrs: {', '.join(allowed.entries)})",
+                time.monotonic(),
+            )
+            sock.close()
+            return
+        self._adopt(sock, b"", peer=addr, phase=_PARAMS)
+
+    def _out_of_resources(self, what: str) -> None:
+        now = time.monotonic()
+        self._accept_paused_until = now + ACCEPT_BACKOFF
+        self._update_listening()
+        self._throttled.log(
+            logging.ERROR,
+            "resources",
+            f"worker {os.getpid()}: {what}; not accepting for {ACCEPT_BACKOFF:g} s "
+            f"({len(self.conns)} connections open)",
+            now,
+        )
+
+    def _receive_handoff(self) -> None:
+        # One connection per wake-up, as with accept: a generation's worth of handed-over
+        # keep-alive connections spreads over the new workers instead of piling on one.
+        assert self.handoff_recv is not None
+        try:
+            handed = receive_connection(self.handoff_recv)
+        except OSError as exc:
+            if exc.errno in RESOURCE_ERRORS:
+                self._out_of_resources(f"receiving a handed-over connection failed: {exc}")
+            return
+        if handed is None:
+            return
+        if handed.sock is None:
+            # The kernel could not give us the descriptor (we are at our limit).
+            self._out_of_resources("a handed-over connection was lost: no file descriptor left")
+            return
+        self._adopt(handed.sock, handed.leftover, handed.ended)
+
+    # ------------------------------------------------------------ housekeeping
+
+    def _housekeeping(self, now: float) -> None:
+        """Each sweep: the heartbeat, a log reopen asked for, and the parent's life."""
+        if self.scoreboard is not None:
+            self.scoreboard.heartbeat(self.slot, now)
+        if self._reopen_logs:
+            self._reopen_logs = False
+            try:
+                if self.access_log is not None:
+                    self.access_log.reopen()
+            except OSError as exc:
+                log.error("cannot reopen the access log: %s", exc)
+        # The parent-death signal (HUP) normally tells us; this is the fallback. Either way the
+        # worker drains with hand-off: its idle keep-alive connections wait in the hand-off
+        # socket for the generation the master boots next, instead of being closed on nginx.
+        if os.getppid() != self._parent and not self._draining:
+            log.warning("worker %d: its generation is gone; draining", os.getpid())
+            self._draining = True
+            self._handoff_on_drain = self.handoff_send is not None
+
+
+def _as_signal_handler(handler: Callable[[], None]) -> Callable[[int, Any], None]:
+    return lambda _signum, _frame: handler()
