@@ -1,10 +1,13 @@
 """An app whose view waits 50 ms, 64 concurrent clients, 2 workers, through one nginx:
 fcgi-engine `--threads N` (FastCGI, upstream keepalive) against gunicorn's gthread workers
-(HTTP, nginx proxy_pass with keepalive), same run.
+(HTTP, nginx proxy_pass with keepalive) and, when `uwsgi` is on the PATH, uWSGI's threads
+(`--fastcgi-socket`, `--processes N --threads T --enable-threads`, the same /fcgi/ location
+as fcgi-engine), same run.
 
     python3 bench/threads.py [--seconds 10] [--threads 32] [--rounds 1]
 
-This file is also the app both serve (`application`). Needs nginx, wrk, gunicorn (PyPI).
+This file is also the app they all serve (`application`). Needs nginx, wrk, gunicorn (PyPI);
+uwsgi (PyPI, compiles; needs gcc and the Python headers) is optional.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def application(environ, start_response):  # type: ignore[no-untyped-def]
 
 def backends(d: str, nproc: int, threads: int) -> dict[str, tuple[list[str], str, str]]:
     """name -> (command, socket it listens on, URL path through nginx)."""
-    return {
+    out = {
         "fcgi-engine threads": (
             [sys.executable, "-m", "fcgi_engine", "serve", f"{HERE}/threads.py",
              "--listen", f"{d}/app.sock", "--nproc", str(nproc), "--threads", str(threads)],
@@ -65,6 +68,20 @@ def backends(d: str, nproc: int, threads: int) -> dict[str, tuple[list[str], str
             "/http/",
         ),
     }  # fmt: skip
+    if shutil.which("uwsgi"):  # optional peer: same socket and nginx location as fcgi-engine
+        out["uwsgi threads"] = (
+            ["uwsgi", "--fastcgi-socket", f"{d}/app.sock", "--chmod-socket=666", "--pythonpath",
+             str(HERE), "--module", "threads:application", "--master", "--processes", str(nproc),
+             "--threads", str(threads), "--enable-threads", "--die-on-term", "--need-app",
+             "--disable-logging"],
+            f"{d}/app.sock",
+            "/fcgi/",
+        )  # fmt: skip
+    return out
+
+
+def wrk(port: int, path: str, seconds: float) -> dict[str, float]:
+    return wrk_any(port, path, seconds, threads=4, connections=CLIENTS)
 
 
 def main() -> int:
@@ -122,7 +139,3 @@ def main() -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def wrk(port: int, path: str, seconds: float) -> dict[str, float]:
-    return wrk_any(port, path, seconds, threads=4, connections=CLIENTS)

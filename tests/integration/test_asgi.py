@@ -18,7 +18,7 @@ import pytest
 
 from fcgi_engine.client import request
 from tests.conftest import APPS, wait_for
-from tests.integration.test_rollout import Load, ctl, switch
+from tests.integration.test_rollout import Load, ctl, roll_out_under_load, serve_site, switch
 
 pytestmark = pytest.mark.integration
 
@@ -354,25 +354,13 @@ def test_rollouts_under_load_lose_nothing(serve, nginx, tmp: Path, keep_conn: bo
     root = tmp / "site"
     root.mkdir()
     switch(root, asgi_release(root, "v1"))
-    server = serve(
-        "app.py",
-        "--chdir",
-        str(root / "current"),
-        "--health",
-        "/healthz",
-        "--graceful-timeout",
-        "20",
-        nproc=2,
-    )
+    server = serve_site(serve, root)
     front = nginx(server.address, keep_conn=keep_conn)
     with Load(front.port, clients=16) as load:
         wait_for(lambda: load.ok > 20, 10, what="load to start")
-        for n in range(2, 5):
-            switch(root, asgi_release(root, f"v{n}"))
-            reply = ctl(server, "graceful")
-            assert reply["ok"], reply
-            before = load.ok
-            wait_for(lambda b=before: load.ok > b + 20, 10, what="requests after the rollout")
+        roll_out_under_load(
+            server, root, load, lambda v: asgi_release(root, v), range(2, 5), served_after=20
+        )
     assert not load.errors, load.errors[:10]
     assert load.ok > 100
     assert load.versions[-1] == "v4"

@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -121,12 +122,10 @@ class Load:
         conn.close()
 
 
-@pytest.mark.parametrize("keep_conn", [False, True], ids=["keepconn-off", "keepconn-on"])
-def test_five_rollouts_under_load_lose_nothing(serve, nginx, tmp: Path, keep_conn: bool) -> None:
-    root = tmp / "site"
-    root.mkdir()
-    switch(root, make_release(root, "v1"))
-    server = serve(
+def serve_site(serve, root: Path, *args: str):  # type: ignore[no-untyped-def]
+    """Serve root/current/app.py as a rollout test does: 2 workers, /healthz proves a release,
+    20 s for a drain."""
+    return serve(
         "app.py",
         "--chdir",
         str(root / "current"),
@@ -134,19 +133,48 @@ def test_five_rollouts_under_load_lose_nothing(serve, nginx, tmp: Path, keep_con
         "/healthz",
         "--graceful-timeout",
         "20",
+        *args,
         nproc=2,
     )
+
+
+def roll_out_under_load(
+    server,  # type: ignore[no-untyped-def]
+    root: Path,
+    load: Load,
+    release: Callable[[str], Path],
+    versions: range,
+    before_each: Callable[[], object] = lambda: None,
+    served_after: int = 10,
+) -> list[dict]:
+    """Deploy each version and roll it out with `graceful` while `load` runs; each rollout must
+    succeed and be followed by `served_after` answered requests. The replies, in order."""
+    replies = []
+    for n in versions:
+        switch(root, release(f"v{n}"))
+        before_each()
+        reply = ctl(server, "graceful")
+        assert reply["ok"], reply
+        replies.append(reply)
+        before = load.ok
+        wait_for(lambda b=before: load.ok > b + served_after, 10, what="requests after the rollout")
+    return replies
+
+
+@pytest.mark.parametrize("keep_conn", [False, True], ids=["keepconn-off", "keepconn-on"])
+def test_five_rollouts_under_load_lose_nothing(serve, nginx, tmp: Path, keep_conn: bool) -> None:
+    root = tmp / "site"
+    root.mkdir()
+    switch(root, make_release(root, "v1"))
+    server = serve_site(serve, root)
     front = nginx(server.address, keep_conn=keep_conn)
     master_pid = server.pid
     with Load(front.port) as load:
         wait_for(lambda: load.ok > 20, 10, what="load to start")
-        for n in range(2, 7):
-            switch(root, make_release(root, f"v{n}"))
-            reply = ctl(server, "graceful")
-            assert reply["ok"], reply
-            assert reply["to"] == reply["from"] + 1
-            before = load.ok
-            wait_for(lambda b=before: load.ok > b + 10, 10, what="requests after the rollout")
+        replies = roll_out_under_load(
+            server, root, load, lambda v: make_release(root, v), range(2, 7)
+        )
+    assert all(reply["to"] == reply["from"] + 1 for reply in replies), replies
     assert not load.errors, load.errors[:10]
     assert load.ok > 100
     assert request(server.address, "/").body.startswith(b"v6 ")

@@ -14,7 +14,7 @@ import pytest
 
 from fcgi_engine.client import ClientError, request
 from tests.conftest import APPS, wait_for
-from tests.integration.test_rollout import Load, ctl, switch
+from tests.integration.test_rollout import Load, roll_out_under_load, serve_site, switch
 
 pytestmark = pytest.mark.integration
 
@@ -105,29 +105,22 @@ def test_rollouts_with_every_thread_busy_lose_nothing(
 
     root.mkdir()
     switch(root, release("v1"))
-    server = serve(
-        "app.py",
-        "--chdir",
-        str(root / "current"),
-        "--health",
-        "/healthz",
-        "--threads",
-        "4",
-        "--graceful-timeout",
-        "20",
-        nproc=2,
-    )
+    server = serve_site(serve, root, "--threads", "4")
     front = nginx(server.address, keep_conn=keep_conn)
     with Load(front.port, clients=16) as load:
         wait_for(lambda: load.ok > 50, 10, what="load to start")
-        for n in range(2, 5):
-            switch(root, release(f"v{n}"))
-            # Every thread of both workers has a request in flight now.
-            wait_for(lambda: _all_threads_busy(server), 5, what="every thread busy")
-            reply = ctl(server, "graceful")
-            assert reply["ok"], reply
-            before = load.ok
-            wait_for(lambda b=before: load.ok > b + 20, 10, what="requests after the rollout")
+        roll_out_under_load(
+            server,
+            root,
+            load,
+            release,
+            range(2, 5),
+            # Every thread of both workers has a request in flight when it rolls out.
+            before_each=lambda: wait_for(
+                lambda: _all_threads_busy(server), 5, what="every thread busy"
+            ),
+            served_after=20,
+        )
     assert not load.errors, load.errors[:10]
     assert load.versions[-1] == "v4"
     assert "upstream prematurely" not in front.error_log()
