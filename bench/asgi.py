@@ -12,15 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from common import stop_group, wait_socket
+from common import backend, nginx_front
 from threads import CLIENTS, NGINX, wrk
 
 HERE = Path(__file__).resolve().parent
@@ -67,26 +62,11 @@ def main() -> int:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
-    for tool in ("nginx", "wrk"):
-        if not shutil.which(tool):
-            raise SystemExit(f"{tool} is not installed")
-    d = tempfile.mkdtemp(prefix="fe-bench-")
-    port = 19000 + os.getpid() % 1000
-    conf = Path(d) / "nginx.conf"
-    user = "user root;" if os.geteuid() == 0 else ""
-    conf.write_text(NGINX.format(d=d, port=port, user=user))
-    nginx = subprocess.Popen(["nginx", "-c", str(conf), "-p", d])
     print(f"{CLIENTS} clients, {args.nproc} workers, {args.seconds:g} s per run")
-    try:
+    with nginx_front(NGINX) as (d, port):
         for _round in range(args.rounds):
             for name, (cmd, sock, prefix) in backends(d, args.nproc).items():
-                proc = subprocess.Popen(
-                    cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                    start_new_session=True,
-                )  # fmt: skip
-                try:
-                    wait_socket(sock)
-                    os.chmod(sock, 0o666)
+                with backend(cmd, sock):
                     for view in ("hello", "wait"):
                         wrk(port, prefix + view, 1)  # warm up
                         r = wrk(port, prefix + view, args.seconds)
@@ -96,16 +76,6 @@ def main() -> int:
                             f"errors {r['errors']:.0f}",
                             flush=True,
                         )
-                finally:
-                    stop_group(proc, 15)
-                    try:
-                        os.unlink(sock)
-                    except OSError:
-                        pass
-    finally:
-        nginx.send_signal(signal.SIGQUIT)
-        nginx.wait(10)
-        shutil.rmtree(d, ignore_errors=True)
     return 0
 
 

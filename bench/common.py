@@ -4,12 +4,16 @@ upstreams of their own), wrk, the CPU time of a process tree, and stopping a bac
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -117,3 +121,44 @@ def stop_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:  # type: 
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+@contextlib.contextmanager
+def nginx_front(template: str, **fields: object) -> Iterator[tuple[str, int]]:
+    """nginx from `template` (formatted with d, port, user and `fields`) in a fresh directory:
+    yields (directory, port); stops nginx and removes the directory after."""
+    for tool in ("nginx", "wrk"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is not installed")
+    d = tempfile.mkdtemp(prefix="fe-bench-")
+    port = 18000 + os.getpid() % 2000
+    conf = os.path.join(d, "nginx.conf")
+    user = "user root;" if os.geteuid() == 0 else ""
+    with open(conf, "w") as f:
+        f.write(template.format(d=d, port=port, user=user, **fields))
+    nginx = subprocess.Popen(["nginx", "-c", conf, "-p", d])
+    try:
+        yield d, port
+    finally:
+        nginx.send_signal(signal.SIGQUIT)
+        nginx.wait(10)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def backend(cmd: list[str], sock: str) -> Iterator[subprocess.Popen]:  # type: ignore[type-arg]
+    """The backend `cmd` in its own session, once it listens on `sock` (made world-writable
+    for nginx); stopped and its socket removed after."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        wait_socket(sock)
+        os.chmod(sock, 0o666)
+        yield proc
+    finally:
+        stop_group(proc, 15)
+        try:
+            os.unlink(sock)
+        except OSError:
+            pass

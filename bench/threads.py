@@ -13,16 +13,12 @@ uwsgi (PyPI, compiles; needs gcc and the Python headers) is optional.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import NGINX_HEAD, stop_group, wait_socket
+from common import NGINX_HEAD, backend, nginx_front
 from common import wrk as wrk_any
 
 HERE = Path(__file__).resolve().parent
@@ -91,32 +87,17 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
-    for tool in ("nginx", "wrk", "gunicorn"):
-        if not shutil.which(tool):
-            raise SystemExit(f"{tool} is not installed")
-    d = tempfile.mkdtemp(prefix="fe-bench-")
-    port = 19000 + os.getpid() % 1000
-    conf = Path(d) / "nginx.conf"
-    user = "user root;" if os.geteuid() == 0 else ""
-    conf.write_text(NGINX.format(d=d, port=port, user=user))
-    nginx = subprocess.Popen(["nginx", "-c", str(conf), "-p", d])
+    if not shutil.which("gunicorn"):
+        raise SystemExit("gunicorn is not installed")
     ideal = min(CLIENTS, args.nproc * args.threads) / WAIT
     print(
         f"view waits {WAIT * 1000:g} ms, {CLIENTS} clients, {args.nproc} workers x "
         f"{args.threads} threads; ideal {ideal:.0f} req/s"
     )
-    try:
+    with nginx_front(NGINX) as (d, port):
         for _round in range(args.rounds):
             for name, (cmd, sock, path) in backends(d, args.nproc, args.threads).items():
-                proc = subprocess.Popen(
-                    cmd,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-                try:
-                    wait_socket(sock)
-                    os.chmod(sock, 0o666)
+                with backend(cmd, sock):
                     wrk(port, path, 1)  # warm up
                     r = wrk(port, path, args.seconds)
                     print(
@@ -124,16 +105,6 @@ def main() -> int:
                         f"p99 {r['p99_ms']:6.1f} ms  errors {r['errors']:.0f}",
                         flush=True,
                     )
-                finally:
-                    stop_group(proc, 15)
-                    try:
-                        os.unlink(sock)
-                    except OSError:
-                        pass
-    finally:
-        nginx.send_signal(signal.SIGQUIT)
-        nginx.wait(10)
-        shutil.rmtree(d, ignore_errors=True)
     return 0
 
 
