@@ -29,7 +29,7 @@ import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any, TextIO
+from typing import Any
 
 from fcgi_engine.protocol import (
     NEED_DATA,
@@ -45,9 +45,8 @@ from fcgi_engine.protocol import (
 from fcgi_engine.serving.asgi_scope import build_scope, response_head
 from fcgi_engine.serving.body import ClientDisconnected
 from fcgi_engine.serving.handoff import send_connection
-from fcgi_engine.serving.scoreboard import Scoreboard
 from fcgi_engine.serving.worker import LINGER_SECONDS, RECV_SIZE, describe_peer
-from fcgi_engine.serving.worker_base import SWEEP_SECONDS, Phase, WorkerBase, WorkerOptions
+from fcgi_engine.serving.worker_base import SWEEP_SECONDS, Phase, WorkerBase
 from fcgi_engine.serving.wsgi import ERROR_500, simple_response
 
 log = logging.getLogger("fcgi_engine.worker")
@@ -117,35 +116,9 @@ class _Cut(Exception):
     """The connection must close without ending the request (a cut-off response)."""
 
 
-class AsgiWorker(WorkerBase[_Conn]):
-    def __init__(
-        self,
-        app: ASGIApp,
-        listener: socket.socket,
-        options: WorkerOptions,
-        *,
-        handoff_send: socket.socket | None = None,
-        handoff_recv: socket.socket | None = None,
-        private: socket.socket | None = None,
-        scoreboard: Scoreboard | None = None,
-        slot: int = 0,
-        errors: TextIO | None = None,
-        live: bool = True,
-        access_fd: int = -1,
-    ) -> None:
-        super().__init__(
-            listener,
-            options,
-            handoff_send=handoff_send,
-            handoff_recv=handoff_recv,
-            private=private,
-            scoreboard=scoreboard,
-            slot=slot,
-            live=live,
-            access_fd=access_fd,
-        )
-        self.app = app
-        self.errors = errors or sys.stderr
+class AsgiWorker(WorkerBase[_Conn, ASGIApp]):
+    def _setup(self) -> None:
+        self.errors = self.error_stream
         self._drain_started = 0.0
         # Requests in the app, oldest first: (wall clock start, path) for the scoreboard.
         self._in_flight: dict[int, tuple[float, str]] = {}

@@ -34,11 +34,10 @@ import queue
 import select
 import socket
 import struct
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TextIO
+from typing import Any
 
 from fcgi_engine.protocol import (
     NEED_DATA,
@@ -56,12 +55,11 @@ from fcgi_engine.serving.body import EMPTY_BODY, ClientDisconnected, InputStream
 from fcgi_engine.serving.environ import build_environ
 from fcgi_engine.serving.handoff import send_connection
 from fcgi_engine.serving.loader import WSGIApp
-from fcgi_engine.serving.scoreboard import InFlight, Scoreboard
+from fcgi_engine.serving.scoreboard import InFlight
 from fcgi_engine.serving.worker_base import (
     SWEEP_SECONDS,
     Phase,
     WorkerBase,
-    WorkerOptions,
 )
 from fcgi_engine.serving.wsgi import (
     ErrorStream,
@@ -163,35 +161,9 @@ def describe_peer(sock: socket.socket, address: Any) -> str:
         return "unix peer"
 
 
-class Worker(WorkerBase[_Conn]):
-    def __init__(
-        self,
-        app: WSGIApp,
-        listener: socket.socket,
-        options: WorkerOptions,
-        *,
-        handoff_send: socket.socket | None = None,
-        handoff_recv: socket.socket | None = None,
-        private: socket.socket | None = None,
-        scoreboard: Scoreboard | None = None,
-        slot: int = 0,
-        errors: TextIO | None = None,
-        live: bool = True,
-        access_fd: int = -1,
-    ) -> None:
-        super().__init__(
-            listener,
-            options,
-            handoff_send=handoff_send,
-            handoff_recv=handoff_recv,
-            private=private,
-            scoreboard=scoreboard,
-            slot=slot,
-            live=live,
-            access_fd=access_fd,
-        )
-        self.app = app
-        self.errors = ErrorStream(errors or sys.stderr)
+class Worker(WorkerBase[_Conn, WSGIApp]):
+    def _setup(self) -> None:
+        self.errors = ErrorStream(self.error_stream)
         # Connections with a whole request already buffered: served before waiting again.
         self.pending: dict[int, _Conn] = {}
         self._drain_started = False
@@ -201,16 +173,16 @@ class Worker(WorkerBase[_Conn]):
         # With an access log the sink also counts the status and size, and writes the line;
         # without one, nothing on the request path counts.
         self._logged_sink = (
-            _LoggedResponseSink(options.settings.send_timeout, self.access_log)
+            _LoggedResponseSink(self.settings.send_timeout, self.access_log)
             if self.access_log is not None
             else None
         )
-        self._sink = self._logged_sink or _ResponseSink(options.settings.send_timeout)
+        self._sink = self._logged_sink or _ResponseSink(self.settings.send_timeout)
         self._threads: _Threads | None = None
-        if options.settings.threads > 1:
-            self._threads = _Threads(options.settings.threads, self._new_sink, self._wakeup)
+        if self.settings.threads > 1:
+            self._threads = _Threads(self.settings.threads, self._new_sink, self._wakeup)
             self._threads.run = self._run_threaded
-            self._in_flight = InFlight(scoreboard, slot)
+            self._in_flight = InFlight(self.scoreboard, self.slot)
             # The instance attribute shadows the inline method: the N == 1 path is untouched.
             self._handle_complete = self._dispatch  # type: ignore[method-assign]
 

@@ -16,10 +16,11 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TextIO, TypeVar
 
 from fcgi_engine.config.address import AllowList
 from fcgi_engine.config.settings import ServerConfig
@@ -100,22 +101,31 @@ class Phase(enum.IntEnum):
 # Read on every accept: a module name costs nothing, `Phase.PARAMS` a metaclass lookup.
 _PARAMS = Phase.PARAMS
 ConnT = TypeVar("ConnT")
+AppT = TypeVar("AppT")
 
 
-class WorkerBase(Generic[ConnT]):
+class WorkerBase(Generic[ConnT, AppT]):
+    """The contract prefork.py starts every worker class with; `_setup` is the subclass's own
+    construction."""
+
     def __init__(
         self,
+        app: AppT,
         listener: socket.socket,
         options: WorkerOptions,
         *,
-        handoff_send: socket.socket | None,
-        handoff_recv: socket.socket | None,
-        private: socket.socket | None,
-        scoreboard: Scoreboard | None,
-        slot: int,
-        live: bool,
-        access_fd: int,
+        handoff_send: socket.socket | None = None,
+        handoff_recv: socket.socket | None = None,
+        private: socket.socket | None = None,
+        scoreboard: Scoreboard | None = None,
+        slot: int = 0,
+        errors: TextIO | None = None,
+        live: bool = True,
+        access_fd: int = -1,
     ) -> None:
+        self.app = app
+        # Where the app's errors (wsgi.errors) and tracebacks go.
+        self.error_stream = errors or sys.stderr
         self.listener = listener
         self.options = options
         self.settings = options.settings
@@ -140,6 +150,10 @@ class WorkerBase(Generic[ConnT]):
         # here; None when there is none.
         path = options.settings.access_log
         self.access_log = AccessLog(path, access_fd) if access_fd >= 0 or path else None
+        self._setup()
+
+    def _setup(self) -> None:
+        """The subclass's own state."""
 
     # ------------------------------------------------------------ what a subclass provides
 
