@@ -150,7 +150,9 @@ class ServerConfig:
     )
     app: str | None = setting(
         None,
-        "WSGI app: module:callable, module (callable `application`) or path/to/file.py[:callable]",
+        "WSGI or ASGI app: module:callable, module (callable `application`: Django's "
+        "mysite.wsgi), path/to/file.py[:callable], or module:create_app(...) (a factory, literal "
+        "arguments)",
         flags=("app",),
         metavar="APP",
     )

@@ -1,4 +1,5 @@
-"""Find and import the WSGI callable named by an APP spec."""
+"""Find and import the app (WSGI or ASGI) named by an APP spec: `module:callable`, `module`
+(callable `application`), `file.py[:callable]` or `module:factory(literal args)`."""
 
 from __future__ import annotations
 
@@ -18,17 +19,32 @@ class AppLoadError(Exception):
 
 
 def split_app_spec(spec: str) -> tuple[str, str]:
-    """`module:callable`, `module`, `file.py[:callable]` -> (module or path, callable name)."""
-    target, sep, name = spec.rpartition(":")
+    """`module:callable`, `module`, `file.py[:callable]`, `module:factory(args)` -> (module or
+    path, callable name or factory call)."""
+    # A factory's arguments may hold a colon: split at the last one before them.
+    head = spec.split("(", 1)[0]
+    target, sep, name = head.rpartition(":")
     if not sep or "/" in name or name.endswith(".py"):
         target, name = spec, "application"
+    else:
+        name += spec[len(head) :]
     if not target:
         raise AppLoadError(f"invalid app spec {spec!r}: expected module:callable or file.py")
     return target, name or "application"
 
 
 def is_file_spec(target: str) -> bool:
-    return target.endswith((".py", ".wsgi")) or os.sep in target
+    """A path (it has a slash, or it is a .py or .wsgi file that exists here), not a dotted
+    module: Django's `mysite.wsgi` is a module unless a file of that name is in the directory."""
+    if os.sep in target:
+        return True
+    if not target.endswith((".py", ".wsgi")):
+        return False
+    return os.path.isfile(target) or not _is_dotted_name(target)
+
+
+def _is_dotted_name(text: str) -> bool:
+    return all(part.isidentifier() for part in text.split("."))
 
 
 def load_app(spec: str) -> WSGIApp:
@@ -47,12 +63,42 @@ def load_app(spec: str) -> WSGIApp:
             raise AppLoadError(f"importing {target!r} failed: {exc!r}") from exc
         except BaseException as exc:
             raise AppLoadError(f"importing {target!r} failed: {exc!r}") from exc
-    app = getattr(module, name, None)
-    if app is None:
-        raise AppLoadError(f"{target!r} defines no {name!r}")
+    if "(" in name:
+        app = _call_factory(module, target, name)
+    else:
+        app = getattr(module, name, None)
+        if app is None:
+            raise AppLoadError(f"{target!r} defines no {name!r}")
     if not callable(app):
         raise AppLoadError(f"{target}:{name} is not callable")
     return app
+
+
+def _call_factory(module: Any, target: str, call: str) -> Any:
+    """`create_app()` or `create_app("prod", debug=True)`: call the module's factory with
+    literal arguments (as gunicorn does) and return what it builds."""
+    import ast
+
+    try:
+        tree = ast.parse(call, mode="eval").body
+        if not isinstance(tree, ast.Call) or not isinstance(tree.func, ast.Name):
+            raise ValueError("not a call of a name")
+        args = [ast.literal_eval(arg) for arg in tree.args]
+        kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in tree.keywords if kw.arg}
+        if len(kwargs) != len(tree.keywords):
+            raise ValueError("**kwargs is not a literal argument")
+    except (SyntaxError, ValueError) as exc:
+        raise AppLoadError(
+            f"{call!r} is not a factory call with literal arguments, like create_app() or "
+            f"create_app('prod', debug=True): {exc}"
+        ) from None
+    factory = getattr(module, tree.func.id, None)
+    if factory is None:
+        raise AppLoadError(f"{target!r} defines no {tree.func.id!r}")
+    try:
+        return factory(*args, **kwargs)
+    except BaseException as exc:
+        raise AppLoadError(f"{target}:{call} failed: {exc!r}") from exc
 
 
 def _import_file(path: str) -> Any:
