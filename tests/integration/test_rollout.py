@@ -357,6 +357,29 @@ def test_ttin_ttou_change_worker_count(serve) -> None:
     assert request(server.address, "/hello").status == 200
 
 
+def test_ttou_under_keepalive_load_hands_idle_connections_on(serve, nginx, tmp: Path) -> None:
+    """A worker a resize retires drains like a rollout's: its idle kept-alive connections go to
+    its siblings, never closed under nginx's feet (a POST on such a connection is a 502)."""
+    root = tmp / "site"
+    root.mkdir()
+    switch(root, make_release(root, "v1", import_sleep=0))
+    server = serve_site(serve, root)
+    front = nginx(server.address, keep_conn=True)
+    with Load(front.port, clients=8) as load:
+        wait_for(lambda: load.ok > 50, 10, what="load to start")
+        for _ in range(3):
+            os.kill(server.pid, signal.SIGTTIN)
+            wait_for(lambda: len(ctl(server, "status")["status"]["workers"]) == 3, 10, what="3")
+            before = load.ok
+            wait_for(lambda b=before: load.ok > b + 50, 10, what="requests on 3 workers")
+            os.kill(server.pid, signal.SIGTTOU)
+            wait_for(lambda: len(ctl(server, "status")["status"]["workers"]) == 2, 10, what="2")
+            before = load.ok
+            wait_for(lambda b=before: load.ok > b + 50, 10, what="requests on 2 workers")
+    assert not load.errors, load.errors[:5]
+    assert "upstream" not in front.error_log()
+
+
 def test_max_requests_recycles_workers(serve) -> None:
     server = serve(f"{APPS}/testapp.py", "--max-requests", "5", nproc=1)
     pids = set()

@@ -185,6 +185,19 @@ def test_usr2_then_hup_in_one_batch_drops_the_reexec_for_the_rollout() -> None:
     assert P.ReExec() not in pol.handle(P.Tick(3.0))
 
 
+def test_usr2_while_a_graceful_waits_for_its_drain_reexecs_after_the_answer() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(P.RolloutRequested(5.0, reply_to="caller"))
+    pol.handle(P.GenerationReady(2, 6.0, [21, 22]))
+    # The old generation drains; the caller still waits for its answer.
+    pol.handle(P.SignalReceived(signal.SIGUSR2, 7.0))
+    assert P.ReExec() not in pol.handle(P.Tick(7.0))
+    acts = pol.handle(P.GenerationExited(1, 8.0, 0))
+    assert rollout_reply(acts).ok
+    assert P.ReExec() in acts + pol.handle(P.Tick(8.0))
+
+
 def test_active_generation_crash_boots_a_new_one() -> None:
     pol = make()
     started(pol)

@@ -401,18 +401,31 @@ class MasterPolicy:
             if self.booting is not None or self.stopping:
                 return [Log("warning", f"{self._name()}: USR2 ignored during a rollout or stop")]
             self.reexec_wanted = True
+            if self._callers_waiting():
+                return [
+                    Log(
+                        "info",
+                        f"{self._name()}: re-executing the master in place once the rollout "
+                        "in progress has answered",
+                    )
+                ]
             return [Log("info", f"{self._name()}: re-executing the master in place")]
         return []
 
     def _reexec_due(self) -> list[Action]:
         """The USR2 taken earlier, unless a boot or a stop began since (one batch of signals
-        can hold a USR2 and then a HUP)."""
-        if not self.reexec_wanted:
+        can hold a USR2 and then a HUP). While a caller waits for its answer (a graceful whose
+        old generation still drains), it waits too: an exec would close that connection
+        unanswered."""
+        if not self.reexec_wanted or self._callers_waiting():
             return []
         self.reexec_wanted = False
         if self.booting is not None or self.stopping:
             return [Log("warning", f"{self._name()}: re-exec dropped: a rollout or stop began")]
         return [ReExec()]
+
+    def _callers_waiting(self) -> bool:
+        return bool(self.waiters or self.stop_waiters or any(self.drain_waiters.values()))
 
     def _on_rollout_requested(self, ev: RolloutRequested) -> list[Action]:
         if self.stopping:

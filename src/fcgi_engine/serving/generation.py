@@ -240,7 +240,10 @@ class Generation:
     def _resize(self, target: int) -> None:
         for slot in rules.resize(self.slots, target):
             if slot.pid:
-                os.kill(slot.pid, signal.SIGTERM)
+                try:
+                    os.kill(slot.pid, self.kind.retire_signal)
+                except ProcessLookupError:
+                    pass
         live = sum(1 for s in self.slots if not s.retired)
         log.info("%s: %d workers", self.name, live)
 

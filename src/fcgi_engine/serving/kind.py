@@ -27,6 +27,9 @@ class WorkerKind(Protocol):
     # Each worker gets a private connection at boot and must answer on it (`prove_worker`)
     # before any of them goes live; otherwise the kind proves the release in `prove_release`.
     proves_each_worker: bool
+    # Sent to a worker a resize retires (TTOU): it finishes what it holds and, where it can,
+    # hands its idle keep-alive connections to its siblings rather than close them on nginx.
+    retire_signal: int
     # After the workers start, a boot waits this long for one to die at once (a program that
     # cannot start), which fails the boot.
     settle_seconds: float

@@ -46,6 +46,7 @@ def open_access_log(path: str | None) -> int:
 class PythonWorkers:
     label = "worker"
     proves_each_worker = True
+    retire_signal: int = signal.SIGHUP
     settle_seconds = 0.0
 
     def __init__(

@@ -109,6 +109,7 @@ def _socket_inodes(pid: int) -> set[str]:
 
 class ProgramWorkers:
     proves_each_worker = False
+    retire_signal: int = signal.SIGTERM  # what FastCGI programs know; they finish their request
 
     def __init__(self, spec: BootSpec) -> None:
         self.command = spec.command
