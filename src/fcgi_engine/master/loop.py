@@ -23,6 +23,8 @@ from fcgi_engine.config.settings import ServerConfig
 from fcgi_engine.control import unhandled
 from fcgi_engine.master import policy as P
 from fcgi_engine.system import interpreter, sockets
+from fcgi_engine.system.logfile import redirect_stderr
+from fcgi_engine.system.ratelog import RateLimitedLog
 from fcgi_engine.system.wakeup import WakeupPipe
 
 log = logging.getLogger("fcgi_engine.master")
@@ -54,8 +56,6 @@ MAX_CONTROL_LINE = 65536
 # accept() failing for want of fds or memory stays failing while the control socket is readable:
 # stop watching it this long rather than spin, so the children that free the resources can run.
 ACCEPT_BACKOFF = 0.5
-# Resource errors repeat while the shortage lasts: one log line per kind per interval, with a count.
-RESOURCE_LOG_INTERVAL = 10.0
 # Accepts per wake-up: enough to drain a burst in a few rounds, few enough that children and
 # signals are still looked at in between.
 _ACCEPTS_PER_WAKEUP = 16
@@ -70,39 +70,6 @@ class ControlConn:
     deadline: float
     lines: control.LineBuffer = field(default_factory=lambda: control.LineBuffer(MAX_CONTROL_LINE))
     received: int = 0
-
-
-class RateLimitedLog:
-    """One log line per key per interval; the occurrences in between are counted, not lost."""
-
-    def __init__(self, interval: float = RESOURCE_LOG_INTERVAL) -> None:
-        self.interval = interval
-        self.last: dict[str, float] = {}
-        self.pending: dict[str, tuple[int, str, int]] = {}
-
-    def __call__(self, key: str, message: str, now: float, level: int = logging.ERROR) -> None:
-        last = self.last.get(key)
-        if last is not None and now - last < self.interval:
-            count, _, _ = self.pending.get(key, (0, "", level))
-            self.pending[key] = (count + 1, message, level)
-            return
-        self.last[key] = now
-        log.log(level, "%s", message)
-
-    def flush(self, now: float) -> None:
-        """Report what was held back once its interval is over, even if it does not recur."""
-        for key, (count, message, level) in list(self.pending.items()):
-            if now - self.last.get(key, 0.0) >= self.interval:
-                del self.pending[key]
-                self.last[key] = now
-                log.log(
-                    level,
-                    "%s (%d more time%s in the last %g s)",
-                    message,
-                    count,
-                    "" if count == 1 else "s",
-                    self.interval,
-                )
 
 
 @dataclass
@@ -210,7 +177,7 @@ class MasterLoop:
         self.control_conns: dict[int, ControlConn | None] = {}
         self.accept_watched = False
         self.accept_paused_until = 0.0
-        self.limited_log = RateLimitedLog()
+        self.limited_log = RateLimitedLog(log)
         self.deferred_events: list[P.Event] = []
         self.reexec_requested = False
 
@@ -745,17 +712,13 @@ class MasterLoop:
         if not path:
             return
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+            redirect_stderr(path)
         except OSError as exc:
             # Keep logging to the file already open: a log not rotated beats a master gone.
             log.error(
                 "%s: cannot reopen %s, still logging to the old file: %s", self.cfg.name, path, exc
             )
             return
-        try:
-            os.dup2(fd, 2)
-        finally:
-            os.close(fd)
         log.info("%s: reopened %s", self.cfg.name, path)
 
     # ------------------------------------------------------------ re-exec in place

@@ -13,6 +13,7 @@ from fcgi_engine.config.settings import IdentityError, ServerConfig, resolve_all
 from fcgi_engine.master.loop import REEXEC_ENV, MasterLoop, ReexecState
 from fcgi_engine.system import pidfile as pidfiles
 from fcgi_engine.system import sockets
+from fcgi_engine.system.logfile import redirect_stderr
 
 log = logging.getLogger("fcgi_engine.master")
 
@@ -23,9 +24,7 @@ class StartError(Exception):
 
 def setup_logging(cfg: ServerConfig) -> None:
     if cfg.error_log:
-        fd = os.open(cfg.error_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        os.dup2(fd, 2)
-        os.close(fd)
+        redirect_stderr(cfg.error_log)
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(

@@ -15,6 +15,8 @@ import os
 import time
 from typing import Any
 
+from fcgi_engine.system.logfile import open_log
+
 log = logging.getLogger("fcgi_engine.worker")
 
 
@@ -53,7 +55,7 @@ class AccessLog:
         """Open the file again; raises OSError when it cannot (the old one stays in use)."""
         if not self.path:
             return
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        fd = open_log(self.path)
         if self.fd >= 0:
             os.close(self.fd)
         self.fd = fd

@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING
 from fcgi_engine.channel import WorkerInfo
 from fcgi_engine.client import ClientError, get_values, request
 from fcgi_engine.config.boot import BootSpec
-from fcgi_engine.serving.kind import BootFailed
+from fcgi_engine.serving.kind import BootFailed, signal_workers
 from fcgi_engine.serving.loader import WSGIApp
 from fcgi_engine.serving.scoreboard import Scoreboard
 from fcgi_engine.serving.slots import MAX_WORKERS, Slot
 from fcgi_engine.serving.worker import Worker
 from fcgi_engine.serving.worker_base import WorkerOptions
+from fcgi_engine.system.logfile import open_log
 
 if TYPE_CHECKING:
     from fcgi_engine.serving.asgi import AsgiWorker
@@ -40,7 +41,7 @@ def open_access_log(path: str | None) -> int:
     is the rollout's error rather than every worker's."""
     if not path:
         return -1
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    return open_log(path)
 
 
 class PythonWorkers:
@@ -217,15 +218,6 @@ class PythonWorkers:
                     )
                 )
         return workers
-
-
-def signal_workers(slots: Sequence[Slot], signum: int) -> None:
-    for slot in slots:
-        if slot.pid:
-            try:
-                os.kill(slot.pid, signum)
-            except ProcessLookupError:
-                pass
 
 
 def _set_parent_death_signal(sig: int) -> None:

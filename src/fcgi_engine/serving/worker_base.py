@@ -28,6 +28,7 @@ from fcgi_engine.protocol import Limits
 from fcgi_engine.serving.access_log import AccessLog
 from fcgi_engine.serving.handoff import receive_connection
 from fcgi_engine.serving.scoreboard import Scoreboard
+from fcgi_engine.system.ratelog import RateLimitedLog
 
 log = logging.getLogger("fcgi_engine.worker")
 
@@ -36,8 +37,6 @@ SWEEP_SECONDS = 0.5
 # After accept fails for want of file descriptors (or memory), stop accepting this long: the
 # listener stays readable, and retrying at once would spin at full CPU.
 ACCEPT_BACKOFF = 0.5
-# The same complaint (EMFILE, a refused peer) is logged at most once per interval.
-LOG_INTERVAL = 10.0
 RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -64,26 +63,6 @@ class WorkerOptions:
             allowed=None if allowed.allows_any else allowed,
             max_requests=settings.max_requests + jitter if settings.max_requests else 0,
         )
-
-
-class Throttled:
-    """Log a recurring complaint once per interval, with how often it recurred meanwhile."""
-
-    def __init__(self, interval: float = LOG_INTERVAL) -> None:
-        self.interval = interval
-        self.last: dict[str, float] = {}
-        self.count: dict[str, int] = {}
-
-    def log(self, level: int, key: str, message: str, now: float) -> None:
-        self.count[key] = self.count.get(key, 0) + 1
-        last = self.last.get(key)
-        if last is not None and now - last < self.interval:
-            return
-        repeats = self.count[key] - 1
-        self.last[key] = now
-        self.count[key] = 0
-        suffix = f" ({repeats} more in the last {now - last:.0f} s)" if repeats and last else ""
-        log.log(level, "%s%s", message, suffix)
 
 
 class Phase(enum.IntEnum):
@@ -145,7 +124,7 @@ class WorkerBase(Generic[ConnT, AppT]):
         self._accept_paused_until = 0.0
         self._parent = os.getppid()
         self._family = int(listener.family)
-        self._throttled = Throttled()
+        self._limited_log = RateLimitedLog(log)
         # The access log the generation opened (access_fd), else the configured file opened
         # here; None when there is none.
         path = options.settings.access_log
@@ -235,12 +214,12 @@ class WorkerBase(Generic[ConnT, AppT]):
         sock = socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
         allowed = self.options.allowed
         if allowed is not None and isinstance(addr, tuple) and not allowed.allows(addr[0]):
-            self._throttled.log(
-                logging.WARNING,
+            self._limited_log(
                 "refused",
                 f"refused a connection from {addr[0]} (not in FCGI_WEB_SERVER_ADDRS / "
                 f"allowed_addrs: {', '.join(allowed.entries)})",
                 time.monotonic(),
+                logging.WARNING,
             )
             sock.close()
             return
@@ -250,8 +229,7 @@ class WorkerBase(Generic[ConnT, AppT]):
         now = time.monotonic()
         self._accept_paused_until = now + ACCEPT_BACKOFF
         self._update_listening()
-        self._throttled.log(
-            logging.ERROR,
+        self._limited_log(
             "resources",
             f"worker {os.getpid()}: {what}; not accepting for {ACCEPT_BACKOFF:g} s "
             f"({len(self.conns)} connections open)",
@@ -282,6 +260,7 @@ class WorkerBase(Generic[ConnT, AppT]):
         """Each sweep: the heartbeat, a log reopen asked for, and the parent's life."""
         if self.scoreboard is not None:
             self.scoreboard.heartbeat(self.slot, now)
+        self._limited_log.flush(now)
         if self._reopen_logs:
             self._reopen_logs = False
             try:
