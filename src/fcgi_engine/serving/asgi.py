@@ -45,6 +45,7 @@ from fcgi_engine.protocol import (
 from fcgi_engine.serving.asgi_scope import build_scope, response_head
 from fcgi_engine.serving.body import ClientDisconnected
 from fcgi_engine.serving.handoff import send_connection
+from fcgi_engine.serving.scoreboard import InFlight
 from fcgi_engine.serving.worker import LINGER_SECONDS, RECV_SIZE, describe_peer
 from fcgi_engine.serving.worker_base import SWEEP_SECONDS, Phase, WorkerBase
 from fcgi_engine.serving.wsgi import ERROR_500, simple_response
@@ -120,9 +121,9 @@ class AsgiWorker(WorkerBase[_Conn, ASGIApp]):
     def _setup(self) -> None:
         self.errors = self.error_stream
         self._drain_started = 0.0
-        # Requests in the app, oldest first: (wall clock start, path) for the scoreboard.
-        self._in_flight: dict[int, tuple[float, str]] = {}
-        self._next_request_key = 0
+        # Requests in the app: the scoreboard shows the oldest, so `timeout` catches one that
+        # blocks the loop.
+        self._in_flight = InFlight(self.scoreboard, self.slot)
         self._state: dict[str, Any] | None = None
         self._lifespan: _Lifespan | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -499,9 +500,7 @@ class AsgiWorker(WorkerBase[_Conn, ASGIApp]):
         assert slots is not None
         async with slots:
             request = _Request(self, conn, event, self._state)
-            key = self._next_request_key
-            self._next_request_key += 1
-            self._begin(key, request.path)
+            token = self._in_flight.begin(request.path)
             began = time.monotonic()
             self.requests += 1
             limit = self.options.max_requests
@@ -515,28 +514,9 @@ class AsgiWorker(WorkerBase[_Conn, ASGIApp]):
             try:
                 await request.call(self.app)
             finally:
-                self._end(key)
+                self._in_flight.end(token)
                 if self.access_log is not None:
                     self.access_log.write(event.params, request.status, request.size, began)
-
-    def _begin(self, key: int, path: str) -> None:
-        first = not self._in_flight
-        self._in_flight[key] = (time.time(), path)
-        if first and self.scoreboard is not None:
-            self.scoreboard.begin(self.slot, self._in_flight[key][0], path)
-
-    def _end(self, key: int) -> None:
-        in_flight = self._in_flight
-        oldest = next(iter(in_flight)) == key
-        del in_flight[key]
-        board = self.scoreboard
-        if board is None:
-            return
-        if not in_flight:
-            board.end(self.slot, self.requests, time.monotonic())
-        elif oldest:
-            started, path = next(iter(in_flight.values()))
-            board.begin(self.slot, started, path)
 
 
 class _Request:

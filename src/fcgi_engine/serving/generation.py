@@ -25,7 +25,7 @@ from typing import Any
 
 from fcgi_engine import channel
 from fcgi_engine.serving import slots as rules
-from fcgi_engine.serving.kind import BootFailed, WorkerKind
+from fcgi_engine.serving.kind import BootFailed, WorkerKind, signal_workers
 from fcgi_engine.serving.slots import Drain, DrainStep, Slot, State
 from fcgi_engine.system.wakeup import WakeupPipe
 
@@ -122,14 +122,8 @@ class Generation:
 
     def _signal_workers(self, signum: int) -> None:
         sig = self.kind.signal_for(signum)
-        if sig is None:
-            return
-        for slot in self.slots:
-            if slot.pid:
-                try:
-                    os.kill(slot.pid, sig)
-                except ProcessLookupError:
-                    pass
+        if sig is not None:
+            signal_workers(self.slots, sig)
 
     def boot(self) -> None:
         """Prove the release, start the workers, prove each where the kind does; report ready.
@@ -238,12 +232,7 @@ class Generation:
                 self.report(channel.Status(workers=self.kind.status(self.slots)))
 
     def _resize(self, target: int) -> None:
-        for slot in rules.resize(self.slots, target):
-            if slot.pid:
-                try:
-                    os.kill(slot.pid, self.kind.retire_signal)
-                except ProcessLookupError:
-                    pass
+        signal_workers(rules.resize(self.slots, target), self.kind.retire_signal)
         live = sum(1 for s in self.slots if not s.retired)
         log.info("%s: %d workers", self.name, live)
 
@@ -300,7 +289,4 @@ class Generation:
     def _kill_stuck(self, now: float) -> None:
         for slot, why in self.kind.stuck(self.slots, now):
             log.error("%s: worker %d %s; killing it", self.name, slot.pid, why)
-            try:
-                os.kill(slot.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            signal_workers([slot], signal.SIGKILL)

@@ -9,12 +9,23 @@ are two kinds; the generation is composed with one of them.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Sequence
 from typing import Protocol
 
 from fcgi_engine.channel import WorkerInfo
 from fcgi_engine.serving.slots import Slot
+
+
+def signal_workers(slots: Sequence[Slot], signum: int) -> None:
+    """Send `signum` to the worker of each slot that has one (a worker gone already is fine)."""
+    for slot in slots:
+        if slot.pid:
+            try:
+                os.kill(slot.pid, signum)
+            except ProcessLookupError:
+                pass
 
 
 class BootFailed(Exception):

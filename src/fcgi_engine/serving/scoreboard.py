@@ -93,8 +93,8 @@ class Scoreboard:
 
 
 class InFlight:
-    """The requests one worker's threads are running, written to its slot: begin() and end()
-    are called from those threads, under a lock."""
+    """The requests a worker runs at once (its threads, or its ASGI tasks), written to its
+    slot as the oldest of them; begin() and end() may be called from several threads."""
 
     def __init__(self, board: Scoreboard | None, slot: int) -> None:
         self.board = board

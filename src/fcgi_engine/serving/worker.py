@@ -232,16 +232,16 @@ class Worker(WorkerBase[_Conn, WSGIApp]):
             if self._draining and not self.conns:
                 return
             self._update_listening()
-            saturated = threads is not None and threads.full
             try:
-                if saturated:
+                if threads is not None and threads.full:
                     # Every thread busy: wait for one to finish (or a signal), read nothing.
-                    events = threads.wait(SWEEP_SECONDS)  # type: ignore[union-attr]
+                    events = threads.wait(SWEEP_SECONDS)
                 else:
                     events = ep.poll(0 if self.pending else SWEEP_SECONDS)
             except InterruptedError:
                 continue
             self._now = now = time.monotonic()
+            saturated = False
             if threads is not None:
                 self._collect(threads)
                 saturated = threads.full
