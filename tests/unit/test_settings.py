@@ -78,6 +78,7 @@ def sample(s: Setting) -> tuple[str, Any]:
         "socket_mode": ("0600", 0o600),
         "allowed_addrs": ("10.0.0.1, 10.1.0.0/16", ["10.0.0.1", "10.1.0.0/16"]),
         "health": ("/up", "/up"),
+        "status_path": ("/fcgi-status", "/fcgi-status"),
         "group": ("nogroup", "nogroup"),
     }
     if s.key in special:

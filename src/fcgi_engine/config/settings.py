@@ -312,6 +312,37 @@ class ServerConfig:
     error_log: str | None = setting(
         None, "error log file (default: stderr; USR1 reopens it)", path=True
     )
+    access_log_format: str = setting(
+        "combined",
+        "access log line: combined (nginx's, plus the time taken) or json (one object a line)",
+        choices=("combined", "json"),
+    )
+    log_level: str = setting(
+        "info",
+        "least severe message the error log keeps",
+        choices=("debug", "info", "warning", "error", "critical"),
+    )
+    slowlog: str | None = setting(
+        None,
+        "file that receives the Python stack of a request running past slowlog_timeout "
+        "(default: the error log)",
+        path=True,
+    )
+    slowlog_timeout: float = setting(
+        0.0,
+        "seconds after which a running request's stack is written to the slowlog (the request "
+        "goes on)",
+        minimum=0,
+        unit="s",
+        zero="off",
+    )
+    status_path: str | None = setting(
+        None,
+        "path answered by the engine itself (not the app) with the server's status: JSON, or "
+        "OpenMetrics with ?openmetrics or Accept: application/openmetrics-text",
+        metavar="PATH",
+        parse=_url_path,
+    )
 
     @property
     def app_spec(self) -> str | None:
