@@ -232,6 +232,14 @@ class ServerConfig:
     max_requests: int = setting(
         0, "recycle a worker after this many requests", minimum=0, zero="never"
     )
+    max_memory: int = setting(
+        0,
+        "recycle a worker whose resident memory (RSS) grows past this many bytes: it finishes "
+        "its requests and hands its idle connections on",
+        minimum=0,
+        unit="B",
+        zero="never",
+    )
     max_requests_jitter: int = setting(
         0, "random extra requests before recycling", minimum=0, zero="none"
     )
