@@ -7,16 +7,24 @@ adopts generations that speak the old engine's format:
 
     generation -> master   Ready    {"event": "ready", "pids": [...], "workers": [...]}
                            Failed   {"event": "failed", "error": "..."}
-                           Status   {"event": "status", "workers": [...]}
+                           Status   {"event": "status", "workers": [...],
+                                     "counts": {...}, "restarts": {...}}
     master -> generation   Resize   {"cmd": "nproc", "n": N}
 
-where a worker is {"pid": 12, "state": "idle"|"busy", "requests": 3, "started": 1234.5}, the
-shape `fcgi-engine status --json` shows. End of file on the channel means the peer is gone.
+where a worker is {"pid": 12, "state": "idle"|"busy"|"draining", "requests": 3,
+"started": 1234.5, "started_at": 1700000000.5, "request": {"method": "GET", "uri": "/x",
+"started_at": 1700000001.5} or null}, the shape `fcgi-engine status --json` shows ("started" is
+the generation's monotonic clock, the "_at" times are wall clock). A Status's "counts" are the
+generation's cumulative request counts ({"by_class": [1xx, 2xx, 3xx, 4xx, 5xx, none],
+"buckets": [...], "duration_sum": s}, every worker it ever ran included) and "restarts" its
+worker restarts by cause ({"crash": n, "max_requests": n, "timeout": n, "memory": n}). Fields
+added since the first version are optional: a message without them decodes with defaults.
+End of file on the channel means the peer is gone.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fcgi_engine.control import (
@@ -30,6 +38,9 @@ from fcgi_engine.control import (
 
 __all__ = [
     "WorkerInfo",
+    "CurrentRequest",
+    "RequestCounts",
+    "RESTART_CAUSES",
     "Ready",
     "Failed",
     "Status",
@@ -42,20 +53,68 @@ __all__ = [
 ]
 
 
+# The shape of the counts: the scoreboard (serving/scoreboard.py) writes them, the master (which
+# may not import the serving side) renders them.
+# Upper bounds, in seconds, of the request duration histogram (Prometheus' default buckets).
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+N_BUCKETS = len(DURATION_BUCKETS) + 1  # the last counts what is above the largest bound
+# Status classes counted, in order; "none": no response started, or a status out of range.
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "none")
+
+# Why a generation replaced a worker: it died unasked, it exited after its max_requests, it
+# was killed for `timeout` or `heartbeat_timeout`, or it was recycled past max_memory.
+RESTART_CAUSES = ("crash", "max_requests", "timeout", "memory")
+
+
+@dataclass(frozen=True)
+class CurrentRequest:
+    """The request a worker runs (the oldest, for a worker running several)."""
+
+    method: str
+    uri: str
+    started_at: float  # wall clock
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"method": self.method, "uri": self.uri, "started_at": self.started_at}
+
+    @classmethod
+    def from_wire(cls, obj: object) -> CurrentRequest | None:
+        if not isinstance(obj, dict):
+            return None
+        what = "request"
+        return cls(
+            method=value_of(obj, "method", str, what, default=""),
+            uri=value_of(obj, "uri", str, what, default=""),
+            started_at=value_of(obj, "started_at", float, what, default=0.0),
+        )
+
+
 @dataclass(frozen=True)
 class WorkerInfo:
     pid: int
-    state: str  # "idle" | "busy"
+    state: str  # "idle" | "busy" | "draining"
     requests: int
     started: float  # time.monotonic() in the generation when the worker was forked
+    started_at: float = 0.0  # the same moment, wall clock (0: not known)
+    request: CurrentRequest | None = None
+    in_flight: int = 0  # requests it runs now (a threaded or ASGI worker runs several)
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        # The fields added since the first version only when set: the first version's bytes
+        # stay what they were.
+        wire: dict[str, Any] = {
             "pid": self.pid,
             "state": self.state,
             "requests": self.requests,
             "started": self.started,
         }
+        if self.started_at:
+            wire["started_at"] = self.started_at
+        if self.request is not None:
+            wire["request"] = self.request.to_wire()
+        if self.in_flight:
+            wire["in_flight"] = self.in_flight
+        return wire
 
     @classmethod
     def from_wire(cls, obj: object) -> WorkerInfo:
@@ -67,6 +126,56 @@ class WorkerInfo:
             state=value_of(obj, "state", str, what),
             requests=value_of(obj, "requests", int, what, default=0),
             started=value_of(obj, "started", float, what, default=0.0),
+            started_at=value_of(obj, "started_at", float, what, default=0.0),
+            request=CurrentRequest.from_wire(obj.get("request")),
+            in_flight=value_of(obj, "in_flight", int, what, default=0),
+        )
+
+
+def _counts(value: object, size: int, what: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(n, int) and not isinstance(n, bool) for n in value
+    ):
+        raise MessageError(f"{what} must be a list of ints, not {value!r:.80}")
+    # A peer with another number of buckets or classes: pad or cut, never fail the status.
+    return tuple(value[:size]) + (0,) * max(0, size - len(value))
+
+
+@dataclass(frozen=True)
+class RequestCounts:
+    """Requests ended, cumulative: by status class (1xx..5xx, none), by duration bucket (not
+    cumulative; the last is above the largest bound) and the sum of their durations."""
+
+    by_class: tuple[int, ...]
+    buckets: tuple[int, ...]
+    duration_sum: float = 0.0
+
+    @classmethod
+    def zero(cls, classes: int, buckets: int) -> RequestCounts:
+        return cls((0,) * classes, (0,) * buckets, 0.0)
+
+    def plus(self, other: RequestCounts) -> RequestCounts:
+        return RequestCounts(
+            tuple(a + b for a, b in zip(self.by_class, other.by_class, strict=False)),
+            tuple(a + b for a, b in zip(self.buckets, other.buckets, strict=False)),
+            self.duration_sum + other.duration_sum,
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "by_class": list(self.by_class),
+            "buckets": list(self.buckets),
+            "duration_sum": self.duration_sum,
+        }
+
+    @classmethod
+    def from_wire(cls, obj: object, classes: int, buckets: int) -> RequestCounts:
+        if not isinstance(obj, dict):
+            raise MessageError(f"'counts' must be a JSON object, not {obj!r:.80}")
+        return cls(
+            _counts(obj.get("by_class", []), classes, "counts: 'by_class'"),
+            _counts(obj.get("buckets", []), buckets, "counts: 'buckets'"),
+            value_of(obj, "duration_sum", float, "counts", default=0.0),
         )
 
 
@@ -93,9 +202,12 @@ class Failed:
 
 @dataclass(frozen=True)
 class Status:
-    """The workers now, sent periodically."""
+    """The workers now, and the generation's cumulative counts, sent periodically and once more
+    as the generation exits."""
 
     workers: list[WorkerInfo]
+    counts: RequestCounts | None = None  # None: the kind counts no requests (a `command:`)
+    restarts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -116,8 +228,12 @@ def encode(message: Message) -> bytes:
             obj = {"event": "ready", "pids": pids, "workers": [w.to_wire() for w in workers]}
         case Failed(error=error):
             obj = {"event": "failed", "error": error}
-        case Status(workers=workers):
+        case Status(workers=workers, counts=counts, restarts=restarts):
             obj = {"event": "status", "workers": [w.to_wire() for w in workers]}
+            if counts is not None:
+                obj["counts"] = counts.to_wire()
+            if restarts:
+                obj["restarts"] = restarts
         case Resize(nproc=nproc):
             obj = {"cmd": "nproc", "n": nproc}
         case _:
@@ -137,7 +253,15 @@ def decode(line: bytes) -> Message:
     if event == "failed":
         return Failed(value_of(obj, "error", str, "failed", default=""))
     if event == "status":
-        return Status(workers_from_wire(value_of(obj, "workers", list, "status")))
+        counts = None
+        if obj.get("counts") is not None:
+            counts = RequestCounts.from_wire(obj["counts"], len(STATUS_CLASSES), N_BUCKETS)
+        restarts = value_of(obj, "restarts", dict, "status", default={})
+        return Status(
+            workers_from_wire(value_of(obj, "workers", list, "status")),
+            counts,
+            {k: v for k, v in restarts.items() if isinstance(v, int) and not isinstance(v, bool)},
+        )
     if event is not None:
         raise MessageError(f"unknown event {event!r}")
     cmd = obj.get("cmd")

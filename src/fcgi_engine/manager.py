@@ -614,52 +614,109 @@ def _rollout(server: ServerConfig) -> Outcome:
 # ---------------------------------------------------------------- status
 
 
+def server_for_pidfile(pidfile: str) -> ServerConfig:
+    """A stand-in for a server known only by its pidfile (`serve --pidfile F`, no YAML): enough
+    to probe it. Its control socket is beside the pidfile, as `serve` puts it; it answers
+    within the default boot_timeout's bound."""
+    path = os.path.abspath(pidfile)
+    return ServerConfig(name=path, socket="fd:0", pidfile=path, app="-")
+
+
 def status(servers: Sequence[ServerConfig]) -> list[Outcome]:
-    outcomes = []
-    for server in servers:
-        state = probe(server)
-        if state.state is State.STOPPED:
-            outcomes.append(
-                Outcome(
-                    server.name, Code.NOT_RUNNING_STATUS, "not running", data={"state": "stopped"}
-                )
-            )
-        elif state.state is State.STALE:
-            outcomes.append(
-                Outcome(
-                    server.name,
-                    Code.FAILURE,
-                    f"not running, but a stale pidfile names pid {state.pid}",
-                    data={"state": "dead", "pid": state.pid},
-                )
-            )
-        elif state.state is State.UNKNOWN:
-            outcomes.append(
-                Outcome(
-                    server.name,
-                    Code.UNKNOWN,
-                    f"cannot tell: {state.error}",
-                    data={"state": "unknown", "pid": state.pid},
-                )
-            )
-        else:
-            st = state.status
-            workers = st.get("workers", [])
-            busy = sum(1 for w in workers if w.get("state") == "busy")
-            outcomes.append(
-                Outcome(
-                    server.name,
-                    Code.OK,
-                    f"running, pid {state.pid}, generation {st.get('generation')}, workers "
-                    f"{len(workers)}/{st.get('nproc')} ({busy} busy), "
-                    f"up {_duration(st.get('uptime', 0))}, {st.get('requests', 0)} requests",
-                    data={"state": "running", "pid": state.pid, **st},
-                )
-            )
-    return outcomes
+    """One Outcome per server: running (with its snapshot in `data`), stopped, dead or unknown."""
+    return [status_of(server, probe(server)) for server in servers]
 
 
-def _duration(seconds: float) -> str:
+def status_of(server: ServerConfig, state: Probe) -> Outcome:
+    """The status Outcome of one probed server. A server known by its pidfile alone is named
+    as its master names itself."""
+    if server.app == "-" and state.status.get("name"):
+        server = ServerConfig(
+            name=str(state.status["name"]), socket=server.socket, pidfile=server.pidfile, app="-"
+        )
+    if state.state is State.STOPPED:
+        return Outcome(
+            server.name, Code.NOT_RUNNING_STATUS, "not running", data={"state": "stopped"}
+        )
+    if state.state is State.STALE:
+        return Outcome(
+            server.name,
+            Code.FAILURE,
+            f"not running, but a stale pidfile names pid {state.pid}",
+            data={"state": "dead", "pid": state.pid},
+        )
+    if state.state is State.UNKNOWN:
+        return Outcome(
+            server.name,
+            Code.UNKNOWN,
+            f"cannot tell: {state.error}",
+            data={"state": "unknown", "pid": state.pid},
+        )
+    st = state.status
+    workers = st.get("workers", [])
+    busy = sum(1 for w in workers if w.get("state") == "busy")
+    return Outcome(
+        server.name,
+        Code.OK,
+        f"running, pid {state.pid}, generation {st.get('generation')}, workers "
+        f"{len(workers)}/{st.get('nproc')} ({busy} busy), "
+        f"up {duration_text(st.get('uptime', 0))}, {st.get('requests', 0)} requests"
+        + "".join(", " + part for part in load_summary(st)),
+        data={**st, "state": "running", "pid": state.pid},  # the pid the pidfile proved
+    )
+
+
+# A snapshot's "metrics" come from a master of this version; an older master sends none, or
+# some of them: every reader below shows what exists and skips the rest.
+
+
+def metrics_of(status: dict[str, Any]) -> dict[str, Any]:
+    metrics = status.get("metrics")
+    return metrics if isinstance(metrics, dict) else {}
+
+
+def requests_by_class(status: dict[str, Any]) -> dict[str, int]:
+    """Requests answered, by status class ("2xx"...; "none": no status, e.g. the peer left),
+    the classes with none left out."""
+    counts = metrics_of(status).get("requests")
+    if not isinstance(counts, dict):
+        return {}
+    return {k: v for k, v in counts.items() if isinstance(v, int) and v}
+
+
+def listen_queue_text(status: dict[str, Any]) -> str:
+    """`queue 3/18` (now / the most it reached) with `of 128` when the backlog limit is known;
+    "" when the master does not measure it."""
+    queue = metrics_of(status).get("listen_queue")
+    if not isinstance(queue, dict) or queue.get("now") is None:
+        return ""
+    text = f"queue {queue['now']}"
+    if queue.get("max") is not None:
+        text += f"/{queue['max']} max"
+    if queue.get("limit") is not None:
+        text += f" (limit {queue['limit']})"
+    return text
+
+
+def load_summary(status: dict[str, Any]) -> list[str]:
+    """The parts of the status line that tell saturation: queue, rate, in flight, classes."""
+    metrics = metrics_of(status)
+    parts = []
+    queue = listen_queue_text(status)
+    if queue:
+        parts.append(queue)
+    rate = metrics.get("requests_per_second")
+    if isinstance(rate, (int, float)):
+        parts.append(f"{rate:.1f} req/s")
+    if isinstance(metrics.get("in_flight"), int):
+        parts.append(f"{metrics['in_flight']} in flight")
+    classes = requests_by_class(status)
+    if classes:
+        parts.append(" ".join(f"{k} {v}" for k, v in classes.items()))
+    return parts
+
+
+def duration_text(seconds: float) -> str:
     seconds = int(seconds)
     if seconds < 60:
         return f"{seconds}s"

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from fcgi_engine.config.address import AddressError, TcpAddress, UnixAddress, parse_address
-from fcgi_engine.config.loader import ConfigError, load_config
+from fcgi_engine.config.loader import (
+    ConfigError,
+    directory_problem,
+    directory_problems,
+    load_config,
+    load_located,
+)
 from fcgi_engine.config.settings import parse_mode
 
 SEED = """\
@@ -263,3 +269,68 @@ def test_group_without_user_from_defaults_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="server 'a' key 'group': group: needs user:"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "text, fragments",
+    [
+        (
+            "- name: a\n  socket: /s\n  app: x\n  nprocs: 3\n",
+            [":4:", "server 'a'", "key 'nprocs'", "unknown key; did you mean 'nproc'?"],
+        ),
+        (
+            "defaults: {graceful_timout: 3}\nservers: [{name: a, socket: /s, app: x}]\n",
+            [":1:", "key 'graceful_timout'", "did you mean 'graceful_timeout'?"],
+        ),
+        (
+            "default: {nproc: 3}\nservers: [{name: a, socket: /s, app: x}]\n",
+            [":1:", "key 'default'", "did you mean 'defaults'?"],
+        ),
+    ],
+)
+def test_a_mistyped_key_says_what_was_meant(
+    tmp_path: Path, text: str, fragments: list[str]
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(path)
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_an_unknown_key_like_no_known_one_gets_no_guess(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "- name: a\n  socket: /s\n  app: x\n  zzz: 1\n"))
+    assert str(info.value).endswith("key 'zzz': unknown key")
+
+
+def test_directory_problem_names_a_socket_in_a_missing_directory(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        f"- name: ok\n  socket: {tmp_path}/ok.sock\n  app: x\n  pidfile: {tmp_path}/new/ok.pid\n"
+        f"- name: bad\n  app: x\n  pidfile: {tmp_path}/bad.pid\n"
+        f"  socket: {tmp_path}/nowhere/bad.sock\n",
+    )
+    ok, bad = load_located(path)
+    # A missing pidfile directory that can be created is created at start: no problem.
+    assert directory_problem(ok) is None
+    problem = directory_problem(bad)
+    assert problem is not None
+    assert str(problem).startswith(f"{path}:8: server 'bad' key 'socket': ")
+    assert f"the socket's directory {tmp_path}/nowhere does not exist" in str(problem)
+    assert list(directory_problems([ok, bad])) == ["bad"]
+
+
+def test_directory_problem_names_a_pidfile_directory_that_cannot_be_made(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    path = write(
+        tmp_path,
+        f"- name: a\n  app: x\n  socket: 127.0.0.1:9000\n  pidfile: {tmp_path}/file/sub/a.pid\n",
+    )
+    [located] = load_located(path)
+    problem = directory_problem(located)
+    assert problem is not None
+    assert f"{path}:4: server 'a' key 'pidfile'" in str(problem)
+    assert f"cannot be created: {tmp_path}/file is not a directory" in str(problem)

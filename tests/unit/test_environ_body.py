@@ -8,7 +8,7 @@ from wsgiref.validate import validator
 import pytest
 
 from fcgi_engine.serving.body import BodyTooLarge, InputStream
-from fcgi_engine.serving.environ import build_environ
+from fcgi_engine.serving.environ import build_environ, request_path
 from fcgi_engine.serving.wsgi import (
     HeaderError,
     ResponseCutOff,
@@ -148,3 +148,103 @@ def test_error_after_start_cuts_off() -> None:
 
     with pytest.raises(ResponseCutOff):
         run(app)
+
+
+@pytest.mark.parametrize(
+    "params, path",
+    [
+        # nginx's stock fastcgi_params: the whole path in SCRIPT_NAME, DOCUMENT_URI beside it.
+        (
+            {
+                "SCRIPT_NAME": "/fcgi-status",
+                "REQUEST_URI": "/fcgi-status?x",
+                "DOCUMENT_URI": "/fcgi-status",
+            },
+            "/fcgi-status",
+        ),
+        # The README's nginx: SCRIPT_NAME "" and PATH_INFO $uri.
+        ({"SCRIPT_NAME": "", "PATH_INFO": "/fcgi-status", "REQUEST_URI": "/x"}, "/fcgi-status"),
+        # Apache or lighttpd mounted at /app: split at the mount point.
+        ({"SCRIPT_NAME": "/app", "PATH_INFO": "/fcgi-status"}, "/app/fcgi-status"),
+        # Neither: nginx's $document_uri, else the request target without its query.
+        ({"DOCUMENT_URI": "/fcgi-status", "REQUEST_URI": "/other"}, "/fcgi-status"),
+        ({"SCRIPT_NAME": "", "REQUEST_URI": "/fcgi-status?openmetrics"}, "/fcgi-status"),
+        ({}, ""),
+    ],
+)
+def test_request_path_is_the_url_path_the_web_server_sent(
+    params: dict[str, str], path: str
+) -> None:
+    assert request_path(params) == path
+
+
+# ---------------------------------------------------------------- the end with the last chunk
+
+
+def calls_of(app, environ: dict | None = None) -> list[tuple[str, bytes]]:
+    """What run_app did with the response: ("send", data) and ("finish", data), in order."""
+    calls: list[tuple[str, bytes]] = []
+    run_app(
+        app,
+        environ or env(),
+        lambda data: calls.append(("send", bytes(data))),
+        lambda data: calls.append(("finish", bytes(data))),
+    )
+    return calls
+
+
+def streaming(chunks, headers=()):
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain"), *headers])
+        return chunks
+
+    return app
+
+
+def test_a_list_body_ends_with_its_last_chunk() -> None:
+    calls = calls_of(streaming([b"one", b"two", b"three"]))
+    assert [kind for kind, _data in calls] == ["send", "send", "finish"]
+    assert calls[-1] == ("finish", b"three")
+
+
+def test_content_length_reached_ends_the_request_and_later_chunks_are_dropped() -> None:
+    def chunks():
+        yield b"ab"
+        yield b"cd"
+        yield b""
+        yield b"ef"  # past Content-Length: the app's bug, dropped
+
+    calls = calls_of(streaming(chunks(), [("Content-Length", "4")]))
+    assert [kind for kind, _data in calls] == ["send", "finish"]
+    assert calls[-1] == ("finish", b"cd")
+
+
+def test_a_body_of_len_one_ends_with_its_chunk() -> None:
+    class One:
+        def __len__(self) -> int:
+            return 1
+
+        def __iter__(self):
+            yield b"only"
+
+    # Head, body and end in one send.
+    [(kind, data)] = calls_of(streaming(One()))
+    assert kind == "finish" and data.endswith(b"\r\n\r\nonly")
+
+
+def test_a_large_last_chunk_ends_with_its_last_slice() -> None:
+    big = b"x" * (600 * 1024)
+    calls = calls_of(streaming([big], [("Content-Length", str(len(big)))]))
+    assert [kind for kind, _data in calls][-1] == "finish"
+    assert b"".join(data for _kind, data in calls).endswith(big)
+    assert len(calls[-1][1]) <= 256 * 1024
+
+
+def test_an_unknown_end_goes_out_alone() -> None:
+    calls = calls_of(streaming(iter([b"a", b"b"])))
+    assert calls[-1] == ("finish", b"")
+
+
+def test_content_length_zero_ends_with_the_head() -> None:
+    calls = calls_of(streaming(iter([]), [("Content-Length", "0")]))
+    assert len(calls) == 1 and calls[0][0] == "finish" and calls[0][1].endswith(b"\r\n\r\n")

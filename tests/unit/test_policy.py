@@ -238,8 +238,22 @@ def test_status_snapshot_counts_workers_and_requests_and_names_the_address() -> 
     assert status["listen"] == "127.0.0.1:43117"
     # The JSON `status --json` shows: workers as objects, as the generation reported them.
     assert status["workers"] == [
-        {"pid": 11, "state": "idle", "requests": 5, "started": 1.5},
-        {"pid": 12, "state": "busy", "requests": 7, "started": 1.5},
+        {
+            "pid": 11,
+            "state": "idle",
+            "requests": 5,
+            "started": 1.5,
+            "started_at": None,
+            "request": None,
+        },
+        {
+            "pid": 12,
+            "state": "busy",
+            "requests": 7,
+            "started": 1.5,
+            "started_at": None,
+            "request": None,
+        },
     ]
 
 

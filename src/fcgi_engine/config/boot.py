@@ -28,6 +28,9 @@ class BootSpec:
     channel_fd: int
     handoff_send_fd: int = -1
     handoff_recv_fd: int = -1
+    # The sending end of the master's status hand-over pair (fcgi_engine.status_pass): a worker
+    # passes a request for status_path through it. -1: none (an older master).
+    status_pass_fd: int = -1
     # Resolved, never empty: the TCP peers a worker accepts (["any"]: every peer).
     allowed_addrs: list[str] = field(default_factory=lambda: list(LOOPBACK))
     app: str = ""  # server.app_spec, or "" for a `command:` server
@@ -54,6 +57,7 @@ def for_server(
     channel_fd: int,
     handoff_send_fd: int,
     handoff_recv_fd: int,
+    status_pass_fd: int = -1,
 ) -> BootSpec:
     app = cfg.app_spec or ""
     if not app and not cfg.command:
@@ -66,6 +70,7 @@ def for_server(
         channel_fd=channel_fd,
         handoff_send_fd=handoff_send_fd,
         handoff_recv_fd=handoff_recv_fd,
+        status_pass_fd=status_pass_fd,
         allowed_addrs=resolve_allowed_addrs(cfg).entries,
         app=app,
         argv=list(cfg.additional_args),

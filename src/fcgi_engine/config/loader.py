@@ -6,7 +6,10 @@ started from an invalid file.
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -66,11 +69,44 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _Mapping:
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def unknown_key(key: object, known: Iterable[str]) -> str:
+    """The message for a key nobody declared (ConfigError names it), with the closest known
+    ones: a typo says what was meant."""
+    close = difflib.get_close_matches(str(key), list(known), n=2, cutoff=0.7)
+    hint = " or ".join(repr(k) for k in close)
+    return "unknown key" + (f"; did you mean {hint}?" if hint else "")
+
+
 def find_config(explicit: str | None) -> str:
     return explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
 
 
+@dataclass(frozen=True)
+class Located:
+    """A loaded server and where the file wrote it, so later checks can name file, key and line."""
+
+    server: ServerConfig
+    path: str
+    line: int | None  # the server's own line
+    lines: dict[str, int]  # each key the server's entry wrote: its line
+
+    def error(self, key: str | None, message: str) -> ConfigError:
+        return ConfigError(
+            self.path,
+            message,
+            server=self.server.name,
+            key=key,
+            line=self.lines.get(key or "", self.line),
+        )
+
+
 def load_config(path: str) -> list[ServerConfig]:
+    """The servers of the config file at `path`; ConfigError names what is wrong and where."""
+    return [located.server for located in load_located(path)]
+
+
+def load_located(path: str) -> list[Located]:
+    """load_config, each server with where it was written."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -97,7 +133,8 @@ def load_config(path: str) -> list[ServerConfig]:
             key = sorted(map(str, unknown))[0]
             raise ConfigError(
                 path,
-                "unknown top-level key (expected defaults and servers)",
+                unknown_key(key, ("defaults", "servers"))
+                + " (the top level has defaults and servers only)",
                 key=key,
                 line=getattr(data, "lines", {}).get(key),
             )
@@ -111,9 +148,10 @@ def load_config(path: str) -> list[ServerConfig]:
         for key in defaults:
             known = SETTING_BY_KEY.get(key)
             if known is None or known.about.per_server:
+                allowed = (s.key for s in SETTINGS if not s.about.per_server)
                 raise ConfigError(
                     path,
-                    "not allowed in defaults" if known else "unknown key",
+                    "not allowed in defaults" if known else unknown_key(key, allowed),
                     key=str(key),
                     line=getattr(raw_defaults, "lines", {}).get(str(key)),
                 )
@@ -125,7 +163,70 @@ def load_config(path: str) -> list[ServerConfig]:
         raise ConfigError(path, "no servers are configured")
     servers = [_server(path, base, i, entry, defaults) for i, entry in enumerate(entries)]
     _check_unique(path, servers, entries)
-    return servers
+    return [
+        Located(server, path, getattr(entry, "line", None), dict(getattr(entry, "lines", {})))
+        for server, entry in zip(servers, entries, strict=True)
+    ]
+
+
+def directory_problem(located: Located) -> ConfigError | None:
+    """What would make `start` fail before any app code runs, for a check to say first: a unix
+    socket in a directory that does not exist (the master binds there, it creates no
+    directory), or a pidfile whose missing directory cannot be created."""
+    server = located.server
+    missing = missing_socket_directory(server.socket)
+    if missing:
+        return located.error(
+            "socket",
+            f"the socket's directory {missing} does not exist; create it (the server creates "
+            "the socket, not its directory), or choose another socket path",
+        )
+    if server.pidfile:
+        directory = os.path.dirname(os.path.abspath(server.pidfile))
+        blocker = _uncreatable(directory)
+        if blocker:
+            return located.error(
+                "pidfile",
+                f"the pidfile's directory {directory} does not exist and cannot be created: "
+                f"{blocker}",
+            )
+    return None
+
+
+def missing_socket_directory(socket: str) -> str | None:
+    """The directory of a unix socket address when it does not exist, else None."""
+    try:
+        address = parse_address(socket)
+    except AddressError:
+        return None  # fd:0 (serve), or an address the loader has refused already
+    if not isinstance(address, UnixAddress):
+        return None
+    directory = os.path.dirname(os.path.abspath(address.path))
+    return None if os.path.isdir(directory) else directory
+
+
+def _uncreatable(directory: str) -> str:
+    """Why `directory` cannot be made with makedirs by us ("" when it exists or can be)."""
+    if os.path.isdir(directory):
+        return ""
+    parent = directory
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable by uid {os.geteuid()}"
+    return ""
+
+
+def directory_problems(located: Sequence[Located]) -> dict[str, ConfigError]:
+    """directory_problem for each server that has one, by server name."""
+    found = {}
+    for one in located:
+        problem = directory_problem(one)
+        if problem is not None:
+            found[one.server.name] = problem
+    return found
 
 
 def _server(path: str, base: str, index: int, entry: Any, defaults: dict[str, Any]) -> ServerConfig:
@@ -150,7 +251,7 @@ def _server(path: str, base: str, index: int, entry: Any, defaults: dict[str, An
 
     for key in entry:
         if key not in SETTING_BY_KEY:
-            raise error(str(key), "unknown key")
+            raise error(str(key), unknown_key(key, SETTING_BY_KEY))
     merged = {**defaults, **entry}
     values: dict[str, Any] = {}
     for key, value in merged.items():

@@ -18,12 +18,23 @@ from typing import Any
 
 from fcgi_engine import channel, control
 from fcgi_engine.channel import WorkerInfo
+from fcgi_engine.config.address import AllowList
 from fcgi_engine.config.boot import ENV_KEY, for_server
-from fcgi_engine.config.settings import ServerConfig
+from fcgi_engine.config.settings import ServerConfig, resolve_allowed_addrs
 from fcgi_engine.control import unhandled
 from fcgi_engine.master import policy as P
+from fcgi_engine.master.status_server import StatusServer
+from fcgi_engine.protocol import Limits
 from fcgi_engine.system import interpreter, sockets
+from fcgi_engine.system.listenq import ListenQueue
 from fcgi_engine.system.logfile import redirect_stderr
+from fcgi_engine.system.notify import (
+    Notifier,
+    RolloutOutcome,
+    ServiceReporter,
+    ServiceState,
+    child_environment,
+)
 from fcgi_engine.system.ratelog import RateLimitedLog
 from fcgi_engine.system.wakeup import WakeupPipe
 
@@ -60,6 +71,8 @@ ACCEPT_BACKOFF = 0.5
 # signals are still looked at in between.
 _ACCEPTS_PER_WAKEUP = 16
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# How often the listen queue is sampled (the status shows it; saturation is judged on it).
+QUEUE_SAMPLE_INTERVAL = 0.1
 
 
 @dataclass
@@ -108,6 +121,8 @@ class ReexecState:
     generations: list[InheritedGeneration]
     nproc: int | None = None
     unix_path: str | None = None
+    status_pass: tuple[int, int] | None = None  # the status hand-over pair (receive, send)
+    metrics: dict[str, Any] | None = None  # the policy's Metrics.to_wire()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -136,6 +151,8 @@ class ReexecState:
             generations=gens,
             nproc=obj.get("nproc"),
             unix_path=obj.get("unix_path"),
+            status_pass=tuple(obj["status_pass"]) if obj.get("status_pass") else None,
+            metrics=obj.get("metrics"),
         )
 
 
@@ -164,11 +181,32 @@ class MasterLoop:
                 boot_timeout=cfg.boot_timeout,
                 graceful_timeout=cfg.graceful_timeout,
                 listen=unix_path or sockets.describe(listener),
+                pid=os.getpid(),
             )
         )
         self.handoff_send, self.handoff_recv = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        # Workers pass requests for status_path here (fcgi_engine.status_pass); the master
+        # answers them. Like the hand-off pair, it outlives generations and a re-exec.
+        self.status_recv, self.status_send = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.listen_queue = ListenQueue(listener)
+        self.queue_sampled_at = 0.0
+        self.queue_waiting = 0  # consecutive samples with connections waiting
+        # The master takes connections from the listener itself (see status_server).
+        self.taking_over = False
         self.children: dict[int, Child] = {}
         self.sel = selectors.DefaultSelector()
+        allow_list = AllowList(resolve_allowed_addrs(cfg).entries)
+        self.status_server = StatusServer(
+            cfg.name,
+            cfg.status_path,
+            lambda: self.policy.snapshot(time.monotonic()),
+            self.sel,
+            self.handoff_send,
+            limits=Limits(max_params_size=cfg.max_params_size),
+            params_timeout=cfg.params_timeout,
+            send_timeout=cfg.send_timeout,
+            allowed=None if allow_list.allows_any else allow_list,
+        )
         self.pending_signals: list[int] = []
         self.wakeup = WakeupPipe()
         self.exit_code: int | None = None
@@ -180,6 +218,8 @@ class MasterLoop:
         self.limited_log = RateLimitedLog(log)
         self.deferred_events: list[P.Event] = []
         self.reexec_requested = False
+        # sd_notify: what systemd (Type=notify) is told; inert without $NOTIFY_SOCKET.
+        self.service = ServiceReporter(Notifier.from_environment())
 
     # ------------------------------------------------------------ setup
 
@@ -195,15 +235,22 @@ class MasterLoop:
     def run(self, adopted: ReexecState | None = None) -> int:
         self.install_signals()
         self.sel.register(self.wakeup.read_fd, selectors.EVENT_READ, ("wake", None))
+        self.status_recv.setblocking(False)
+        self.sel.register(self.status_recv, selectors.EVENT_READ, ("status-pass", None))
         if self.control_sock is not None:
             self.control_sock.setblocking(False)
             self._watch_accept(time.monotonic())
+        self.service.reexecuted = adopted is not None
         if adopted is not None:
             self._adopt(adopted)
         else:
-            self._execute(self.policy.handle(P.Started(time.monotonic())))
+            self._execute(self.policy.handle(P.Started(time.monotonic(), wall=time.time())))
         while self.exit_code is None:
-            for key, _mask in self.sel.select(0.25):
+            self.service.watchdog(time.monotonic())
+            # The watchdog keeps its beat even when WatchdogSec is below the loop's 0.25 s wake-up.
+            to_watchdog = self.service.seconds_to_watchdog(time.monotonic())
+            wait = 0.25 if to_watchdog is None else min(0.25, to_watchdog)
+            for key, _mask in self.sel.select(wait):
                 kind, obj = key.data
                 if kind == "wake":
                     self.wakeup.drain()
@@ -215,6 +262,15 @@ class MasterLoop:
                     self._read_channel(obj)
                 elif kind == "output":
                     self._read_output(obj)
+                elif kind == "status-pass":
+                    self.status_server.receive_passed(self.status_recv)
+                elif kind == "status-conn":
+                    if _mask & selectors.EVENT_WRITE:
+                        self.status_server.writable(obj)
+                    else:
+                        self.status_server.readable(obj)
+                elif kind == "listener":
+                    self.status_server.accept_from(self.listener, _ACCEPTS_PER_WAKEUP)
             now = time.monotonic()
             while self.pending_signals:
                 self._execute(
@@ -222,8 +278,11 @@ class MasterLoop:
                 )
             self._reap(now)
             self._execute(self.policy.handle(P.Tick(now)))
+            self._sample_listen_queue(now)
+            self.status_server.tick(now)
             self._expire_control(now)
             self._watch_accept(now)
+            self._report_to_service()
             self.limited_log.flush(now)
             if self.reexec_requested:
                 self.reexec_requested = False
@@ -255,6 +314,8 @@ class MasterLoop:
             return
         env = os.environ.copy()
         env.pop(REEXEC_ENV, None)
+        # systemd's NOTIFY_SOCKET and watchdog are the master's: app code must not speak for it.
+        child_environment(env)
         env.update({k: str(v) for k, v in self.cfg.environment.items()})
         # PYTHONPATH: an interpreter or virtualenv of the server's own (`python:`) may lack us.
         env = interpreter.with_package_path(env)
@@ -266,6 +327,7 @@ class MasterLoop:
             channel_fd=theirs.fileno(),
             handoff_send_fd=self.handoff_send.fileno(),
             handoff_recv_fd=self.handoff_recv.fileno(),
+            status_pass_fd=self.status_send.fileno(),
         ).to_json()
         cwd = os.path.realpath(self.cfg.chdir) if self.cfg.chdir else None
         python = interpreter.python(self.cfg.python)
@@ -277,6 +339,7 @@ class MasterLoop:
                     theirs.fileno(),
                     self.handoff_send.fileno(),
                     self.handoff_recv.fileno(),
+                    self.status_send.fileno(),
                 ),
                 cwd=cwd,
                 env=env,
@@ -342,8 +405,8 @@ class MasterLoop:
                     ev = P.GenerationReady(child.gen_id, now, pids, workers)
                 case channel.Failed(error=error):
                     ev = P.GenerationFailed(child.gen_id, now, error)
-                case channel.Status(workers=workers):
-                    ev = P.GenerationStatus(child.gen_id, now, workers)
+                case channel.Status(workers=workers, counts=counts, restarts=restarts):
+                    ev = P.GenerationStatus(child.gen_id, now, workers, counts, restarts)
                 case channel.Resize():
                     self._bad_channel_line(child, "a Resize goes to a generation, not from it", now)
                     continue
@@ -619,6 +682,7 @@ class MasterLoop:
         # are carried out in the order it made them.
         while self.deferred_events:
             self._execute(self.policy.handle(self.deferred_events.pop(0)))
+        self._report_to_service()
 
     def _kill_group(self, child: Child) -> None:
         try:
@@ -637,6 +701,9 @@ class MasterLoop:
     def _execute_one(self, action: P.Action) -> None:
         match action:
             case P.SpawnGeneration(gen_id=gen_id, nproc=nproc):
+                # Announced before it starts: a spawn that fails at once ends the rollout within
+                # this same list, and RELOADING=1 must come before that READY=1.
+                self._report_to_service()
                 self._spawn(gen_id, nproc)
             case P.SignalGeneration(gen_id=gen_id, signum=signum):
                 self._signal_generation(gen_id, signum)
@@ -707,6 +774,28 @@ class MasterLoop:
             os.close(self.ready_fd)
             self.ready_fd = -1
 
+    def _report_to_service(self) -> None:
+        """Tell systemd what changed (sd_notify): ready, reloading, rolled out or back, stopping."""
+        if not self.service.enabled:
+            return
+        policy = self.policy
+        serving = policy.generations.get(policy.active) if policy.active is not None else None
+        workers = serving.workers if serving is not None else []
+        last = policy.last_rollout
+        self.service.observe(
+            ServiceState(
+                ready=policy.started_ok,
+                serving=policy.active,
+                booting=policy.booting,
+                stopping=policy.stopping,
+                workers=len(workers),
+                busy=sum(w.state == "busy" for w in workers),
+                requests=sum(w.requests for w in workers),
+                last_boot=RolloutOutcome(last.to_gen, last.ok, last.error) if last else None,
+            ),
+            time.monotonic(),
+        )
+
     def _reopen_logs(self) -> None:
         path = self.cfg.error_log
         if not path:
@@ -721,12 +810,50 @@ class MasterLoop:
             return
         log.info("%s: reopened %s", self.cfg.name, path)
 
+    # ------------------------------------------------------------ the listen queue
+
+    def _sample_listen_queue(self, now: float) -> None:
+        """Measure the accept queue, and take connections from it while it stays non-empty
+        and every worker is busy (so the status page answers even then; see status_server)."""
+        if now - self.queue_sampled_at < QUEUE_SAMPLE_INTERVAL:
+            return
+        self.queue_sampled_at = now
+        waiting, limit = self.listen_queue.sample()
+        self._execute(self.policy.handle(P.ListenQueueSampled(now, waiting, limit)))
+        self.queue_waiting = self.queue_waiting + 1 if waiting else 0
+        self._take_over(self.queue_waiting >= 2 and self._workers_all_busy())
+
+    def _workers_all_busy(self) -> bool:
+        active = self.policy.generations.get(self.policy.active or 0)
+        return active is not None and all(w.state != "idle" for w in active.workers)
+
+    def _take_over(self, want: bool) -> None:
+        # Python servers only: a `command:` program may block in accept() on the shared socket,
+        # and making it non-blocking would break it. And only with a status page to answer.
+        want = want and not self.cfg.command and self.cfg.status_path is not None
+        if want == self.taking_over:
+            return
+        if want:
+            # The workers made it non-blocking already (one open file shared by all).
+            self.listener.setblocking(False)
+            self.sel.register(self.listener, selectors.EVENT_READ, ("listener", None))
+            log.info(
+                "%s: every worker is busy and connections wait: the master reads them",
+                self.cfg.name,
+            )
+        else:
+            self._unregister(self.listener)
+        self.taking_over = want
+
     # ------------------------------------------------------------ re-exec in place
 
     def _reexec(self) -> None:
         """Become a fresh master image (same pid), keeping the socket and the generations.
         The policy decided it is time (no rollout boots, no stop runs)."""
         keep = [self.listener.fileno(), self.handoff_send.fileno(), self.handoff_recv.fileno()]
+        keep += [self.status_recv.fileno(), self.status_send.fileno()]
+        # Connections the master holds for the status page are not carried over.
+        self.status_server.close_all()
         if self.control_sock is not None:
             keep.append(self.control_sock.fileno())
         gens = []
@@ -755,6 +882,8 @@ class MasterLoop:
             generations=gens,
             nproc=self.policy.nproc,
             unix_path=self.unix_path,
+            status_pass=(self.status_recv.fileno(), self.status_send.fileno()),
+            metrics=self.policy.metrics.to_wire(),
         )
         os.environ[REEXEC_ENV] = state.to_json()
         argv = [sys.executable, *sys.orig_argv[1:]] if hasattr(sys, "orig_argv") else sys.argv
@@ -772,6 +901,17 @@ class MasterLoop:
         self.handoff_recv.close()
         self.handoff_send = socket.socket(fileno=state.handoff[0])
         self.handoff_recv = socket.socket(fileno=state.handoff[1])
+        self.status_server.handoff_send = self.handoff_send
+        if state.status_pass is not None:
+            self._unregister(self.status_recv)
+            self.status_recv.close()
+            self.status_send.close()
+            self.status_recv = socket.socket(fileno=state.status_pass[0])
+            self.status_send = socket.socket(fileno=state.status_pass[1])
+            self.status_recv.setblocking(False)
+            self.sel.register(self.status_recv, selectors.EVENT_READ, ("status-pass", None))
+            for fd in state.status_pass:
+                os.set_inheritable(fd, False)
         adopted = []
         for g in state.generations:
             child = Child(g.id, g.pid, socket.socket(fileno=g.channel), g.output)
@@ -787,6 +927,8 @@ class MasterLoop:
             active=state.active,
             next_id=state.next_id,
             nproc=state.nproc if state.nproc is not None else self.policy.nproc,
+            wall=time.time(),
+            metrics=state.metrics,
         )
         actions = self.policy.handle(event)
         log.info(

@@ -2,6 +2,12 @@
 
 Every row of the signal table, every rollout outcome and every timeout is decided here, so each
 is a unit test; the loop only carries the actions out.
+
+It also keeps the server's metrics (the snapshot's "metrics", whose schema fcgi_engine.metrics
+documents): each generation's cumulative counts as its last Status said, plus the counts of the
+generations that are gone, so no counter ever goes backwards; rollouts by outcome; the listen
+queue as the loop samples it; and a recent request rate. Times are monotonic, as everywhere
+here; the wall clock enters once (Started, Adopted) and wall-clock times are derived from it.
 """
 
 from __future__ import annotations
@@ -9,10 +15,18 @@ from __future__ import annotations
 import enum
 import math
 import signal
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from fcgi_engine.channel import WorkerInfo
+from fcgi_engine.channel import (
+    DURATION_BUCKETS,
+    N_BUCKETS,
+    RESTART_CAUSES,
+    STATUS_CLASSES,
+    RequestCounts,
+    WorkerInfo,
+)
 from fcgi_engine.control import (
     ErrorResponse,
     Response,
@@ -28,6 +42,9 @@ NEVER = math.inf
 # The generation kills its own workers at graceful_timeout; the master kills what is left of a
 # draining generation this much later.
 DRAIN_BACKSTOP = 5.0
+# The request rate is measured over this many seconds.
+RATE_WINDOW = 10.0
+ZERO_COUNTS = RequestCounts.zero(len(STATUS_CLASSES), N_BUCKETS)
 
 
 class Phase(enum.Enum):
@@ -47,6 +64,8 @@ class GenerationRecord:
     workers: list[WorkerInfo] = field(default_factory=list)
     error: str = ""
     ready_at: float = 0.0
+    counts: RequestCounts | None = None  # cumulative, as its last Status said
+    restarts: dict[str, int] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- events
@@ -55,6 +74,7 @@ class GenerationRecord:
 @dataclass(frozen=True)
 class Started:
     now: float
+    wall: float | None = None  # time.time() at `now` (None: wall-clock times are monotonic)
 
 
 @dataclass(frozen=True)
@@ -102,6 +122,8 @@ class GenerationStatus:
     gen_id: int
     now: float
     workers: list[WorkerInfo]
+    counts: RequestCounts | None = None
+    restarts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -135,6 +157,18 @@ class Adopted:
     active: int | None
     next_id: int
     nproc: int
+    wall: float | None = None
+    # The previous image's Metrics.to_wire(): the totals survive the re-exec.
+    metrics: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ListenQueueSampled:
+    """The loop measured the listening socket's accept queue (None: cannot be measured)."""
+
+    now: float
+    length: int | None
+    limit: int | None
 
 
 Event = (
@@ -148,6 +182,7 @@ Event = (
     | GenerationFailed
     | GenerationStatus
     | GenerationExited
+    | ListenQueueSampled
     | Tick
 )
 
@@ -238,6 +273,54 @@ class Settings:
     graceful_timeout: float = 30.0
     respawn_backoff: float = 1.0
     listen: str = ""  # the bound address, shown in the status ("127.0.0.1:43117", a path)
+    pid: int = 0  # the master's
+
+
+@dataclass
+class Metrics:
+    """What the master counts beyond any one generation: the counts and restarts of the
+    generations that are gone, rollouts by outcome, the listen queue, recent totals for the
+    rate. `to_wire`/`from_wire` carry it across a re-exec of the master."""
+
+    gone: RequestCounts = ZERO_COUNTS
+    gone_restarts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESTART_CAUSES, 0))
+    rollouts: dict[str, int] = field(default_factory=lambda: {"rolled_out": 0, "rolled_back": 0})
+    queue_now: int | None = None
+    queue_max: int | None = None
+    queue_limit: int | None = None
+    started_wall: float | None = None
+    # (monotonic time, requests ended so far), oldest first, spanning RATE_WINDOW.
+    totals: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "gone": self.gone.to_wire(),
+            "gone_restarts": self.gone_restarts,
+            "rollouts": self.rollouts,
+            "queue_max": self.queue_max,
+            "started_wall": self.started_wall,
+        }
+
+    @classmethod
+    def from_wire(cls, obj: dict[str, Any]) -> Metrics:
+        metrics = cls()
+        try:
+            metrics.gone = RequestCounts.from_wire(
+                obj.get("gone", {}), len(STATUS_CLASSES), N_BUCKETS
+            )
+        except ValueError:
+            pass
+        for mine, theirs in (
+            (metrics.gone_restarts, obj.get("gone_restarts")),
+            (metrics.rollouts, obj.get("rollouts")),
+        ):
+            if isinstance(theirs, dict):
+                mine.update({k: v for k, v in theirs.items() if isinstance(v, int)})
+        if isinstance(obj.get("queue_max"), int):
+            metrics.queue_max = obj["queue_max"]
+        if isinstance(obj.get("started_wall"), (int, float)):
+            metrics.started_wall = float(obj["started_wall"])
+        return metrics
 
 
 class MasterPolicy:
@@ -266,6 +349,9 @@ class MasterPolicy:
         # A USR2 taken: the re-exec happens at the next Tick unless a boot or a stop began
         # meanwhile (the image must not change under a rollout).
         self.reexec_wanted = False
+        self.metrics = Metrics()
+        # time.time() - time.monotonic(), fixed once (Started, Adopted): wall-clock times.
+        self.wall_offset = 0.0
 
     # ------------------------------------------------------------ helpers
 
@@ -286,6 +372,25 @@ class MasterPolicy:
     def _name(self) -> str:
         return self.settings.name
 
+    def wall(self, monotonic: float) -> float:
+        """The wall-clock time of a monotonic one."""
+        return round(monotonic + self.wall_offset, 3)
+
+    def _worker_wire(self, worker: WorkerInfo, now: float) -> dict[str, Any]:
+        wire = worker.to_wire()
+        request = worker.request
+        wire["started_at"] = worker.started_at or None
+        wire["request"] = (
+            {
+                "method": request.method,
+                "uri": request.uri,
+                "running_for": round(max(0.0, self.wall(now) - request.started_at), 3),
+            }
+            if request is not None
+            else None
+        )
+        return wire
+
     def snapshot(self, now: float) -> dict[str, Any]:
         gens = []
         for rec in sorted(self.generations.values(), key=lambda r: r.id):
@@ -294,20 +399,25 @@ class MasterPolicy:
                     "id": rec.id,
                     "phase": rec.phase.value,
                     "age": round(now - rec.started, 3),
-                    "workers": [w.to_wire() for w in rec.workers],
+                    "workers": [self._worker_wire(w, now) for w in rec.workers],
                     "pids": rec.pids,
+                    "started_at": self.wall(rec.started),
                 }
             )
         active = self.generations.get(self.active) if self.active else None
         workers = active.workers if active else []
+        started_wall = self.metrics.started_wall
         return {
+            "pid": self.settings.pid,
+            "started_at": started_wall if started_wall is not None else self.wall(self.started_at),
+            "metrics": self.metrics_snapshot(now),
             "name": self._name(),
             "listen": self.settings.listen,
             "state": "stopping" if self.stopping else ("running" if active else "starting"),
             "generation": self.active,
             "booting": self.booting,
             "nproc": self.nproc,
-            "workers": [w.to_wire() for w in workers],
+            "workers": [self._worker_wire(w, now) for w in workers],
             "workers_ready": len(workers),
             "requests": sum(w.requests for w in workers),
             "uptime": round(now - self.started_at, 3),
@@ -316,6 +426,61 @@ class MasterPolicy:
                 response_wire(self.last_rollout) if self.last_rollout is not None else None
             ),
             "rollout_queued": self.rollout_queued,
+        }
+
+    def _counts(self) -> RequestCounts:
+        total = self.metrics.gone
+        for rec in self.generations.values():
+            if rec.counts is not None:
+                total = total.plus(rec.counts)
+        return total
+
+    def _sample_total(self, now: float) -> None:
+        """Remember the requests ended so far, for the rate over the last RATE_WINDOW."""
+        totals = self.metrics.totals
+        if totals and now - totals[-1][0] < 0.25:
+            return
+        totals.append((now, sum(self._counts().by_class)))
+        # Keep one sample older than the window, so the rate spans all of it.
+        while len(totals) > 2 and now - totals[1][0] > RATE_WINDOW:
+            totals.popleft()
+
+    def metrics_snapshot(self, now: float) -> dict[str, Any]:
+        """The snapshot's "metrics" (schema: fcgi_engine.metrics)."""
+        m = self.metrics
+        counts = self._counts()
+        total = sum(counts.by_class)
+        rate = 0.0
+        if m.totals:
+            then, before = m.totals[0]
+            if now - then >= 1.0:
+                rate = max(0, total - before) / (now - then)
+        cumulative = 0
+        buckets: list[list[Any]] = []
+        for bound, n in zip([*DURATION_BUCKETS, "+Inf"], counts.buckets, strict=False):
+            cumulative += n
+            buckets.append([bound, cumulative])
+        restarts = dict(m.gone_restarts)
+        for rec in self.generations.values():
+            for cause, n in rec.restarts.items():
+                restarts[cause] = restarts.get(cause, 0) + n
+        in_flight = sum(
+            w.in_flight or (w.state == "busy")
+            for rec in self.generations.values()
+            for w in rec.workers
+        )
+        return {
+            "requests": dict(zip(STATUS_CLASSES, counts.by_class, strict=False)),
+            "requests_per_second": round(rate, 3),
+            "in_flight": in_flight,
+            "duration": {
+                "buckets": buckets,
+                "sum": round(counts.duration_sum, 6),
+                "count": sum(counts.buckets),
+            },
+            "listen_queue": {"now": m.queue_now, "max": m.queue_max, "limit": m.queue_limit},
+            "restarts": restarts,
+            "rollouts": dict(m.rollouts),
         }
 
     # ------------------------------------------------------------ the decision
@@ -342,6 +507,8 @@ class MasterPolicy:
                 return self._on_generation_status(event)
             case GenerationExited():
                 return self._on_generation_exited(event)
+            case ListenQueueSampled():
+                return self._on_listen_queue(event)
             case Tick():
                 return self._on_tick(event)
             case _:
@@ -349,10 +516,19 @@ class MasterPolicy:
 
     def _on_started(self, ev: Started) -> list[Action]:
         self.started_at = ev.now
+        if ev.wall is not None:
+            self.wall_offset = ev.wall - ev.now
+            self.metrics.started_wall = round(ev.wall, 3)
         return self._spawn(ev.now)
 
     def _on_adopted(self, ev: Adopted) -> list[Action]:
         self.started_at = ev.now
+        if ev.metrics is not None:
+            self.metrics = Metrics.from_wire(ev.metrics)
+        if ev.wall is not None:
+            self.wall_offset = ev.wall - ev.now
+            if self.metrics.started_wall is None:
+                self.metrics.started_wall = round(ev.wall, 3)
         self.started_ok = True
         self.next_id = ev.next_id
         self.nproc = ev.nproc
@@ -518,6 +694,7 @@ class MasterPolicy:
         )
         if old is not None or self.waiters:
             self.last_rollout = outcome
+            self.metrics.rollouts["rolled_out"] += 1
         if old is not None and old in self.generations:
             # Answered once the old generation is gone: "ok" means the rollout is complete.
             self.drain_waiters.setdefault(old, []).extend(
@@ -569,6 +746,8 @@ class MasterPolicy:
             rolled_back=self.active is not None,
         )
         self.last_rollout = outcome
+        if outcome.rolled_back and not self.stopping:
+            self.metrics.rollouts["rolled_back"] += 1
         for waiter in self.waiters:
             actions.append(Reply(waiter, outcome))
         self.waiters = []
@@ -609,12 +788,29 @@ class MasterPolicy:
         rec = self.generations.get(ev.gen_id)
         if rec is not None:
             rec.workers = list(ev.workers)
+            if ev.counts is not None:
+                rec.counts = ev.counts
+            if ev.restarts:
+                rec.restarts = dict(ev.restarts)
+            self._sample_total(ev.now)
+        return []
+
+    def _on_listen_queue(self, ev: ListenQueueSampled) -> list[Action]:
+        m = self.metrics
+        m.queue_now, m.queue_limit = ev.length, ev.limit
+        if ev.length is not None:
+            m.queue_max = max(ev.length, m.queue_max or 0)
         return []
 
     def _on_generation_exited(self, ev: GenerationExited) -> list[Action]:
         rec = self.generations.pop(ev.gen_id, None)
         if rec is None:
             return []
+        # What it counted stays counted.
+        if rec.counts is not None:
+            self.metrics.gone = self.metrics.gone.plus(rec.counts)
+        for cause, n in rec.restarts.items():
+            self.metrics.gone_restarts[cause] = self.metrics.gone_restarts.get(cause, 0) + n
         actions: list[Action] = []
         if ev.gen_id == self.booting:
             self.generations[ev.gen_id] = rec

@@ -26,12 +26,15 @@ def setup_logging(cfg: ServerConfig) -> None:
     if cfg.error_log:
         redirect_stderr(cfg.error_log)
     root = logging.getLogger()
+    level = getattr(logging, cfg.log_level.upper(), logging.INFO)
     if not root.handlers:
         logging.basicConfig(
-            level=logging.INFO,
+            level=level,
             format="%(asctime)s [%(name)s %(process)d] %(levelname)s %(message)s",
             stream=sys.stderr,
         )
+    else:
+        root.setLevel(level)
 
 
 def _owner(cfg: ServerConfig) -> tuple[int, int] | None:

@@ -64,8 +64,12 @@ def drop_privileges(user: str | None, group: str | None) -> None:
 
 def boot(spec: BootSpec, master: socket.socket) -> int:
     def fail(error: str, what: str = "") -> int:
-        log.error("%s%s", what, error)
-        master.sendall(channel.encode(channel.Failed(error=error)))
+        # The master logs the error it is sent (once, traceback included) and shows it to the
+        # caller of the rollout; logging it here too would print it twice in the same log.
+        try:
+            master.sendall(channel.encode(channel.Failed(error=error)))
+        except OSError:
+            log.error("%s%s", what, error)
         return 1
 
     server = spec.server
@@ -107,6 +111,7 @@ def boot(spec: BootSpec, master: socket.socket) -> int:
         master,
         boot_timeout=server.boot_timeout,
         graceful_timeout=server.graceful_timeout,
+        max_memory=server.max_memory,
     )
     return generation.run()
 
@@ -120,7 +125,7 @@ def main(argv: list[str]) -> int:
         return check_app(argv[1], logs, interface)
     spec = BootSpec.from_json(os.environ.pop(ENV_KEY))
     logging.basicConfig(
-        level=logging.INFO,
+        level=getattr(logging, spec.server.log_level.upper(), logging.INFO),
         format=f"%(asctime)s [{spec.server.name} gen {spec.generation} %(process)d] "
         "%(levelname)s %(message)s",
         stream=sys.stderr,

@@ -42,7 +42,8 @@ from fcgi_engine.protocol import (
     StdinData,
     StdinEnd,
 )
-from fcgi_engine.serving.asgi_scope import build_scope, response_head
+from fcgi_engine.serving.access_log import request_uri
+from fcgi_engine.serving.asgi_scope import build_scope, declared_length, response_head
 from fcgi_engine.serving.body import ClientDisconnected
 from fcgi_engine.serving.handoff import send_connection
 from fcgi_engine.serving.scoreboard import InFlight
@@ -162,6 +163,8 @@ class AsgiWorker(WorkerBase[_Conn, ASGIApp]):
         for signum, handler in self.signal_handlers().items():
             loop.add_signal_handler(signum, handler)
         self._slots = asyncio.Semaphore(max(1, self.settings.max_concurrency))
+        if self.slowlog is not None:
+            self.slowlog.start()
         self.listener.setblocking(False)
         if self.handoff_recv is not None:
             self.handoff_recv.setblocking(False)
@@ -421,7 +424,23 @@ class AsgiWorker(WorkerBase[_Conn, ASGIApp]):
                 assert isinstance(event, RequestReady)
                 limit = settings.max_body_size
                 declared = event.params.get("CONTENT_LENGTH", "")
-                if limit and declared.isdigit() and int(declared) > limit:
+                if self.status_path is not None and self.is_status_request(event):
+                    if self.pass_status(
+                        conn.sock,
+                        event,
+                        stdin_done=False,
+                        ended=proto.ended_ids,
+                        leftover=proto.leftover,
+                    ):
+                        # The master has the connection now: only our copy closes.
+                        return
+                    await self._answer(
+                        conn,
+                        event.request_id,
+                        "503 Service Unavailable",
+                        "the status is not available",
+                    )
+                elif limit and declared.isdigit() and int(declared) > limit:
                     await self._answer(
                         conn,
                         event.request_id,
@@ -500,7 +519,12 @@ class AsgiWorker(WorkerBase[_Conn, ASGIApp]):
         assert slots is not None
         async with slots:
             request = _Request(self, conn, event, self._state)
-            token = self._in_flight.begin(request.path)
+            params = event.params
+            method, uri = params["REQUEST_METHOD"], request_uri(params)
+            token = self._in_flight.begin(method, uri)
+            slowlog = self.slowlog
+            if slowlog is not None:
+                slowlog.begin(conn.task, method, uri)
             began = time.monotonic()
             self.requests += 1
             limit = self.options.max_requests
@@ -514,9 +538,12 @@ class AsgiWorker(WorkerBase[_Conn, ASGIApp]):
             try:
                 await request.call(self.app)
             finally:
-                self._in_flight.end(token)
+                if slowlog is not None:
+                    slowlog.end(conn.task)
+                status = request.status
+                self._in_flight.end(token, int(status or 0), time.monotonic() - began)
                 if self.access_log is not None:
-                    self.access_log.write(event.params, request.status, request.size, began)
+                    self.access_log.write(params, status, request.body_bytes, began)
 
 
 class _Request:
@@ -538,7 +565,9 @@ class _Request:
         "head_sent",
         "finished",
         "status",
-        "size",
+        "body_bytes",
+        "remaining",
+        "excess",
     )
 
     def __init__(
@@ -563,7 +592,11 @@ class _Request:
         self.head_sent = False
         self.finished = False  # END_REQUEST sent (or the request otherwise over)
         self.status = b""
-        self.size = 0
+        self.body_bytes = 0  # response body bytes sent (the access log's size)
+        # Body bytes still due by the response's Content-Length (-1: none declared): the
+        # message that completes it ends the request, so its end goes out in the same send.
+        self.remaining = -1
+        self.excess = 0  # body bytes the app sent past its Content-Length (dropped)
 
     async def call(self, app: ASGIApp) -> None:
         try:
@@ -579,6 +612,13 @@ class _Request:
             self.conn.wake()
 
     async def _returned(self) -> None:
+        if self.excess:
+            log.error(
+                "app error on %s %s: %d body bytes past its Content-Length, dropped",
+                self.scope["method"],
+                self.path,
+                self.excess,
+            )
         if self.finished:
             return
         if self.disconnected and self.conn.closed:
@@ -719,11 +759,22 @@ class _Request:
             if self.finished or self.disconnected:
                 if self.disconnected:
                     raise ClientDisconnected("the client went away")
+                # A response ended by its Content-Length: what follows must be empty.
+                self.excess += len(message.get("body", b""))
                 return
             if self.head is None and not self.head_sent:
                 raise RuntimeError("http.response.body before http.response.start")
             body = message.get("body", b"")
-            if message.get("more_body", False):
+            more = message.get("more_body", False)
+            remaining = self.remaining
+            if remaining >= 0:
+                if len(body) >= remaining:
+                    if len(body) > remaining:
+                        self.excess += len(body) - remaining
+                        body = body[:remaining]
+                    more = False
+                self.remaining = remaining - len(body)
+            if more:
                 if body or self.head is not None:
                     await self._stdout(body)
             else:
@@ -736,8 +787,12 @@ class _Request:
                 if self.disconnected:
                     raise ClientDisconnected("the client went away")
                 return
-            self.head = response_head(int(message["status"]), message.get("headers", ()))
+            headers = message.get("headers", ())
+            if not isinstance(headers, (list, tuple)):
+                headers = list(headers)  # read twice: for the head and the Content-Length
+            self.head = response_head(int(message["status"]), headers)
             self.status = self.head[8:11]
+            self.remaining = declared_length(headers)
             return
         raise RuntimeError(f"unexpected ASGI message type {kind!r}")
 
@@ -751,7 +806,7 @@ class _Request:
 
     async def _stdout(self, body: bytes) -> None:
         data = self._take_head(body)
-        self.size += len(data)
+        self.body_bytes += len(body)
         conn = self.conn
         try:
             await self.worker._send(conn, conn.proto.stdout(self.rid, data))
@@ -763,13 +818,13 @@ class _Request:
 
     async def _finish(self, body: bytes) -> None:
         data = self._take_head(body)
-        self.size += len(data)
+        self.body_bytes += len(body)
         await self._end_with_data(data)
 
     async def _end_with(self, response: bytes) -> None:
         """The whole response (head included) and the request's end."""
         self.status = response[8:11]
-        self.size = len(response)
+        self.body_bytes = len(response) - response.find(b"\r\n\r\n") - 4
         self.head_sent = True
         await self._end_with_data(response)
 
@@ -781,9 +836,14 @@ class _Request:
         out = proto.stdout(self.rid, data) if data else b""
         try:
             await self.worker._send(conn, out + proto.end_request(self.rid, app_status))
-        except ClientDisconnected:
-            self.disconnected = True
+        except ClientDisconnected as exc:
             self.worker._close(conn)
+            if not data and not self.aborted:
+                # Only the end was left: the response went out whole, and the web server
+                # closed once it had it (lighttpd does, on Content-Length). No failure.
+                log.debug("the web server closed before the end of a complete response: %s", exc)
+                return
+            self.disconnected = True
             raise
 
 

@@ -102,6 +102,15 @@ def status_line(status: int) -> bytes:
     return f"Status: {status} {reason}\r\n".encode("latin-1")
 
 
+def declared_length(headers: Any) -> int:
+    """The Content-Length among ASGI response headers (byte pairs), -1 when there is none."""
+    for name, value in headers:
+        if len(name) == 14 and bytes(name).lower() == b"content-length":
+            value = bytes(value).strip()
+            return int(value) if value.isdigit() else -1
+    return -1
+
+
 def response_head(status: int, headers: Any) -> bytes:
     """The CGI response head (Status line, headers, blank line) for http.response.start.
     Raises ValueError on a header that could split the response (CR, LF or NUL in it)."""

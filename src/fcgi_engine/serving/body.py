@@ -20,6 +20,12 @@ class ClientDisconnected(OSError):
     """The web server went away (or aborted the request) while the body was being read."""
 
 
+class EndNotDelivered(ClientDisconnected):
+    """The whole response went out but its end records (END_REQUEST) could not: the web server
+    closed once it had the body (lighttpd does, on Content-Length). The response is complete:
+    this is no failure, only a connection to close."""
+
+
 class BodyTooLarge(Exception):
     """The body exceeded the configured max_body_size."""
 

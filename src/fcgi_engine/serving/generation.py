@@ -3,8 +3,14 @@ its signals and the channel to the master. What a worker is comes from its kind
 (serving/kind.py), which the generation is composed with.
 
 Over the channel the generation reports `Failed` (with the error text), `Ready` and a `Status`
-every second; end-of-file on it means the master is gone, and the generation then stops its
-workers rather than serve on as an orphan.
+every STATUS_INTERVAL and once more as it exits (its workers, its cumulative request counts,
+those of its workers that are gone included, and its worker restarts by cause); end-of-file on
+it means the master is gone, and the generation then stops its workers rather than serve on as
+an orphan.
+
+With max_memory, the generation reads each worker's resident size every MEMORY_CHECK_INTERVAL
+and recycles one that grew past it with the kind's retire signal: it finishes its requests and
+hands its idle connections on, and its slot gets a fresh worker.
 
 Signals from the master: HUP drains with connection hand-off (a rollout), TERM drains and closes
 (a stop), QUIT/INT stop at once, USR1 reopens logs; the worker count comes as a `Resize` message.
@@ -21,12 +27,14 @@ import select
 import signal
 import socket
 import time
+from dataclasses import replace
 from typing import Any
 
 from fcgi_engine import channel
 from fcgi_engine.serving import slots as rules
 from fcgi_engine.serving.kind import BootFailed, WorkerKind, signal_workers
 from fcgi_engine.serving.slots import Drain, DrainStep, Slot, State
+from fcgi_engine.system.procmem import resident_bytes
 from fcgi_engine.system.wakeup import WakeupPipe
 
 log = logging.getLogger("fcgi_engine.generation")
@@ -43,7 +51,9 @@ HANDLED_SIGNALS = (
 ORPHAN_DRAIN_SECONDS = 5.0
 # A fast stop (QUIT, INT): workers are killed if still there after this long.
 FAST_STOP_SECONDS = 2.0
-STATUS_INTERVAL = 1.0
+# Often enough that the status page and its request rate are fresh.
+STATUS_INTERVAL = 0.5
+MEMORY_CHECK_INTERVAL = 1.0
 
 
 class Generation:
@@ -57,6 +67,7 @@ class Generation:
         *,
         boot_timeout: float,
         graceful_timeout: float,
+        max_memory: int = 0,
     ) -> None:
         self.name = name
         self.number = number
@@ -65,6 +76,8 @@ class Generation:
         self.master = master
         self.boot_timeout = boot_timeout
         self.graceful_timeout = graceful_timeout
+        self.max_memory = max_memory
+        self.restarts = dict.fromkeys(channel.RESTART_CAUSES, 0)
         self.slots: list[Slot] = []
         self.state = State.SERVING
         self.drain = Drain()
@@ -119,6 +132,8 @@ class Generation:
         self.last_spawn = now
         slot.pid = self.kind.start(slot, live=self.proven, private=private)
         slot.started = now
+        slot.started_at = time.time()
+        slot.recycle = ""
 
     def _signal_workers(self, signum: int) -> None:
         sig = self.kind.signal_for(signum)
@@ -197,9 +212,9 @@ class Generation:
         poller = select.poll()
         poller.register(self.wakeup.read_fd, select.POLLIN)
         poller.register(self.master.fileno(), select.POLLIN)
-        last_status = 0.0
+        last_status = last_memory_check = 0.0
         while True:
-            poller.poll(500 if self.state is State.SERVING else 50)
+            poller.poll(250 if self.state is State.SERVING else 50)
             self.wakeup.drain()
             now = time.monotonic()
             if not self._read_master() and self.state is State.SERVING:
@@ -213,9 +228,14 @@ class Generation:
             if self.state is State.SERVING:
                 self._respawn(now)
                 self._kill_stuck(now)
+                if self.max_memory and now - last_memory_check >= MEMORY_CHECK_INTERVAL:
+                    last_memory_check = now
+                    self._recycle_large()
             else:
                 step = rules.drain_step(self.drain, now, sum(1 for s in self.slots if s.pid))
                 if step is DrainStep.DONE:
+                    # The last counts, so the master's totals keep what this generation served.
+                    self._report_status()
                     return 0
                 if step is DrainStep.KILL:
                     log.warning(
@@ -229,7 +249,34 @@ class Generation:
                     self.kind.drain_step(self.slots)
             if now - last_status >= STATUS_INTERVAL:
                 last_status = now
-                self.report(channel.Status(workers=self.kind.status(self.slots)))
+                self._report_status()
+
+    def _report_status(self) -> None:
+        workers = self.kind.status(self.slots)
+        if self.state is not State.SERVING:
+            workers = [replace(w, state="draining") for w in workers]
+        self.report(
+            channel.Status(
+                workers=workers, counts=self.kind.counts(self.slots), restarts=dict(self.restarts)
+            )
+        )
+
+    def _recycle_large(self) -> None:
+        """Retire each worker whose resident memory grew past max_memory (once: it drains)."""
+        for slot in self.slots:
+            if not slot.pid or slot.retired or slot.recycle:
+                continue
+            rss = resident_bytes(slot.pid)
+            if rules.over_memory(rss, self.max_memory):
+                slot.recycle = "memory"
+                log.warning(
+                    "%s: worker %d uses %d MiB, over max_memory (%d MiB); recycling it",
+                    self.name,
+                    slot.pid,
+                    (rss or 0) >> 20,
+                    self.max_memory >> 20,
+                )
+                signal_workers([slot], self.kind.retire_signal)
 
     def _resize(self, target: int) -> None:
         signal_workers(rules.resize(self.slots, target), self.kind.retire_signal)
@@ -268,6 +315,8 @@ class Generation:
                 slot.pid = 0
                 continue
             code = os.waitstatus_to_exitcode(status)
+            cause = rules.restart_cause(slot, code)
+            self.restarts[cause] = self.restarts.get(cause, 0) + 1
             lived = now - slot.started
             delay = rules.after_death(slot, rules.Death(code, lived, served), now)
             if code != 0:
@@ -289,4 +338,5 @@ class Generation:
     def _kill_stuck(self, now: float) -> None:
         for slot, why in self.kind.stuck(self.slots, now):
             log.error("%s: worker %d %s; killing it", self.name, slot.pid, why)
+            slot.recycle = "timeout"
             signal_workers([slot], signal.SIGKILL)

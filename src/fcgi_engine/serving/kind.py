@@ -14,7 +14,7 @@ import socket
 from collections.abc import Sequence
 from typing import Protocol
 
-from fcgi_engine.channel import WorkerInfo
+from fcgi_engine.channel import RequestCounts, WorkerInfo
 from fcgi_engine.serving.slots import Slot
 
 
@@ -76,3 +76,7 @@ class WorkerKind(Protocol):
 
     def status(self, slots: Sequence[Slot]) -> list[WorkerInfo]:
         """Each running worker, for the master's status."""
+
+    def counts(self, slots: Sequence[Slot]) -> RequestCounts | None:
+        """The requests every worker of the generation served, those gone included; None when
+        the kind does not count them."""

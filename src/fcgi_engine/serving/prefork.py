@@ -2,12 +2,14 @@
 
 Each worker is proven over a private connection (the `health` path, else GET_VALUES) before any
 of them takes a live request; then each is told to go live (SIGUSR2). A shared-memory
-scoreboard tells the generation which worker is busy, on what, since when, and whether it still
-makes progress (its heartbeat).
+scoreboard tells the generation which worker is busy, on what, since when, whether it still
+makes progress (its heartbeat), and what it served (requests by status class and duration); the
+counts of workers that are gone are kept here, so the generation's totals never go backwards.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
@@ -17,14 +19,14 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from fcgi_engine.channel import WorkerInfo
+from fcgi_engine.channel import CurrentRequest, RequestCounts, WorkerInfo
 from fcgi_engine.client import ClientError, get_values, request
 from fcgi_engine.config.boot import BootSpec
 from fcgi_engine.serving.kind import BootFailed, signal_workers
 from fcgi_engine.serving.loader import WSGIApp
-from fcgi_engine.serving.scoreboard import Scoreboard
+from fcgi_engine.serving.scoreboard import N_BUCKETS, STATUS_CLASSES, Scoreboard, WorkerState
 from fcgi_engine.serving.slots import MAX_WORKERS, Slot
 from fcgi_engine.serving.worker import Worker
 from fcgi_engine.serving.worker_base import WorkerOptions
@@ -73,7 +75,13 @@ class PythonWorkers:
         self.handoff_recv = (
             socket.socket(fileno=spec.handoff_recv_fd) if spec.handoff_recv_fd >= 0 else None
         )
+        # Where a worker passes a request for status_path to the master (fcgi_engine.status_pass).
+        self.status_pass = (
+            socket.socket(fileno=spec.status_pass_fd) if spec.status_pass_fd >= 0 else None
+        )
         self.board = Scoreboard(MAX_WORKERS)
+        # The counts of the workers that are gone (their slots are reset for the next one).
+        self.gone = RequestCounts.zero(len(STATUS_CLASSES), N_BUCKETS)
 
     # ------------------------------------------------------------ starting and proving
 
@@ -110,6 +118,12 @@ class PythonWorkers:
                 from fcgi_engine.serving.asgi import AsgiWorker
 
                 worker_class = AsgiWorker
+            # Transitional, until every worker class takes the status hand-over socket.
+            extra: dict[str, Any] = (
+                {"status_pass": self.status_pass}
+                if "status_pass" in inspect.signature(worker_class).parameters
+                else {}
+            )
             worker = worker_class(
                 self.app,
                 self.listener,
@@ -121,6 +135,7 @@ class PythonWorkers:
                 slot=slot.index,
                 live=live,
                 access_fd=self.access_fd,
+                **extra,
             )
             worker.install_signals()
             worker.run()
@@ -168,9 +183,17 @@ class PythonWorkers:
     # ------------------------------------------------------------ watching
 
     def exited(self, slot: Slot) -> int:
-        served = self.board.read(slot.index).requests
+        state = self.board.read(slot.index)
+        self.gone = self.gone.plus(_counts_of(state))
         self.board.reset(slot.index, 0)
-        return served
+        return state.requests
+
+    def counts(self, slots: Sequence[Slot]) -> RequestCounts:
+        total = self.gone
+        for slot in slots:
+            if slot.pid:
+                total = total.plus(_counts_of(self.board.read(slot.index)))
+        return total
 
     def stuck(self, slots: Sequence[Slot], now: float) -> list[tuple[Slot, str]]:
         """Stuck on one request longer than `timeout`, or silent outside a request longer than
@@ -209,15 +232,29 @@ class PythonWorkers:
         for slot in slots:
             if slot.pid:
                 state = self.board.read(slot.index)
+                busy = state.busy and state.started > 0
                 workers.append(
                     WorkerInfo(
                         pid=slot.pid,
-                        state="busy" if state.busy else "idle",
+                        state="draining"
+                        if slot.retired or slot.recycle
+                        else ("busy" if busy else "idle"),
                         requests=state.requests,
                         started=slot.started,
+                        started_at=slot.started_at,
+                        request=(
+                            CurrentRequest(state.method, state.path, state.started)
+                            if busy
+                            else None
+                        ),
+                        in_flight=max(1, state.in_flight) if busy else 0,
                     )
                 )
         return workers
+
+
+def _counts_of(state: WorkerState) -> RequestCounts:
+    return RequestCounts(state.by_class, state.buckets, state.duration_sum)
 
 
 def _set_parent_death_signal(sig: int) -> None:

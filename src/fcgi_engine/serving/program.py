@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-from fcgi_engine.channel import WorkerInfo
+from fcgi_engine.channel import RequestCounts, WorkerInfo
 from fcgi_engine.client import ClientError, request
 from fcgi_engine.config.address import TcpAddress, UnixAddress, parse_address
 from fcgi_engine.config.boot import BootSpec
@@ -260,8 +260,18 @@ class ProgramWorkers:
         busy = self.busy_pids(slots)
         return [
             WorkerInfo(
-                pid=s.pid, state="busy" if s.pid in busy else "idle", requests=0, started=s.started
+                pid=s.pid,
+                state="draining"
+                if s.retired or s.recycle
+                else ("busy" if s.pid in busy else "idle"),
+                requests=0,
+                started=s.started,
+                started_at=s.started_at,
             )
             for s in slots
             if s.pid
         ]
+
+    def counts(self, slots: Sequence[Slot]) -> RequestCounts | None:
+        """A FastCGI program's requests are not seen."""
+        return None

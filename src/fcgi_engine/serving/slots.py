@@ -42,6 +42,10 @@ class Slot:
     retired: bool = False
     # The last death was a young crash of its own (the only kind the back-off is for).
     crashed: bool = False
+    started_at: float = 0.0  # when its worker started, wall clock
+    # Why the generation is replacing its worker ("timeout", "memory"), "" when it is not: the
+    # restart is counted under this cause when the worker is reaped.
+    recycle: str = ""
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,22 @@ def after_death(slot: Slot, death: Death, now: float) -> float:
             0.0 if slot.failures <= 1 else min(BACKOFF_BASE * 2 ** (slot.failures - 1), CRASH_MAX)
         )
     slot.respawn_at = now + delay
+    slot.recycle = ""
     return delay
+
+
+def restart_cause(slot: Slot, exit_code: int) -> str:
+    """Why the worker of `slot`, reaped with `exit_code` while its generation serves, is being
+    replaced (one of channel.RESTART_CAUSES): what the generation asked of it, else a clean exit
+    is its max_requests and anything else a crash."""
+    if slot.recycle:
+        return slot.recycle
+    return "max_requests" if exit_code == 0 else "crash"
+
+
+def over_memory(rss: int | None, max_memory: int) -> bool:
+    """A worker with this resident size (bytes; None: unknown) is to be recycled."""
+    return bool(max_memory) and rss is not None and rss > max_memory
 
 
 def due(slots: Sequence[Slot], now: float, last_spawn: float) -> list[Slot]:

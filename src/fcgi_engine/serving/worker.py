@@ -50,8 +50,14 @@ from fcgi_engine.protocol import (
     StdinData,
     StdinEnd,
 )
-from fcgi_engine.serving.access_log import AccessLog
-from fcgi_engine.serving.body import EMPTY_BODY, ClientDisconnected, InputStream, SpooledBody
+from fcgi_engine.serving.access_log import AccessLog, request_uri
+from fcgi_engine.serving.body import (
+    EMPTY_BODY,
+    ClientDisconnected,
+    EndNotDelivered,
+    InputStream,
+    SpooledBody,
+)
 from fcgi_engine.serving.environ import build_environ
 from fcgi_engine.serving.handoff import send_connection
 from fcgi_engine.serving.loader import WSGIApp
@@ -170,8 +176,8 @@ class Worker(WorkerBase[_Conn, WSGIApp]):
         self._now = time.monotonic()
         self._epoll = select.epoll()
         self._wakeup = WakeupPipe()
-        # With an access log the sink also counts the status and size, and writes the line;
-        # without one, nothing on the request path counts.
+        # Every sink notes the response's status (the scoreboard counts it); with an access
+        # log it also counts the body's bytes and writes the line, without one nothing does.
         self._logged_sink = (
             _LoggedResponseSink(self.settings.send_timeout, self.access_log)
             if self.access_log is not None
@@ -179,6 +185,8 @@ class Worker(WorkerBase[_Conn, WSGIApp]):
         )
         self._sink = self._logged_sink or _ResponseSink(self.settings.send_timeout)
         self._threads: _Threads | None = None
+        # The slowlog's key for an inline request: the thread running the loop (run() sets it).
+        self._ident = threading.get_ident()
         if self.settings.threads > 1:
             self._threads = _Threads(self.settings.threads, self._new_sink, self._wakeup)
             self._threads.run = self._run_threaded
@@ -197,6 +205,8 @@ class Worker(WorkerBase[_Conn, WSGIApp]):
         this (it exits after run()); a worker run inside another process, as in the tests, does."""
         if self._threads is not None:
             self._threads.stop()
+        if self.slowlog is not None:
+            self.slowlog.stop()
         self._epoll.close()
         self._wakeup.close()
 
@@ -224,6 +234,9 @@ class Worker(WorkerBase[_Conn, WSGIApp]):
         threads = self._threads
         if threads is not None:
             threads.start()
+        self._ident = threading.get_ident()
+        if self.slowlog is not None:
+            self.slowlog.start()
         next_sweep = 0.0
         while True:
             if self._draining and not self._drain_started:
@@ -498,6 +511,9 @@ class Worker(WorkerBase[_Conn, WSGIApp]):
                 request = conn.request
                 if request is None:
                     break
+                if self.status_path is not None and self.is_status_request(request):
+                    self._pass_status(conn, request)
+                    return
                 self._handle_complete(conn, request)
                 return
             if kind is RequestReady:
@@ -674,6 +690,22 @@ class Worker(WorkerBase[_Conn, WSGIApp]):
         environ["wsgi.file_wrapper"] = FileWrapper
         return environ
 
+    def _pass_status(self, conn: _Conn, request: RequestReady) -> None:
+        """A complete request for status_path: the master answers it. The worker forgets the
+        connection, or answers 503 when it could not pass it on."""
+        self._drop_request(conn)
+        proto = conn.proto
+        if self.pass_status(
+            conn.sock, request, stdin_done=True, ended=proto.ended_ids, leftover=proto.leftover
+        ):
+            self._close(conn)
+            return
+        if not self._answer(
+            conn, request.request_id, "503 Service Unavailable", "the status is not available"
+        ):
+            return
+        self._resume(conn)
+
     def _handle(self, conn: _Conn, event: RequestReady, body: SpooledBody | None) -> bool:
         """Run one complete request through the app. False when the connection was closed."""
         sink = self._sink
@@ -682,10 +714,17 @@ class Worker(WorkerBase[_Conn, WSGIApp]):
         began = time.monotonic()
         board = self.scoreboard
         if board is not None:
-            board.begin(self.slot, time.time(), environ["PATH_INFO"])
+            board.begin(self.slot, time.time(), environ["REQUEST_METHOD"], request_uri(environ))
+        slowlog = self.slowlog
+        if slowlog is not None:
+            slowlog.begin(self._ident, environ["REQUEST_METHOD"], request_uri(environ))
         self.requests += 1
         try:
             run_app(self.app, environ, sink.send, sink.finish)
+        except EndNotDelivered as exc:
+            log.debug("the web server closed before the end of a complete response: %s", exc)
+            self._close(conn)
+            return False
         except ClientDisconnected as exc:
             log.info("client went away on %s: %s", environ.get("PATH_INFO"), exc)
             self._close(conn)
@@ -694,8 +733,12 @@ class Worker(WorkerBase[_Conn, WSGIApp]):
             self._close(conn)
             return False
         finally:
+            if slowlog is not None:
+                slowlog.end(self._ident)
             if board is not None:
-                board.end(self.slot, self.requests, time.monotonic())
+                now = time.monotonic()
+                board.record(self.slot, int(sink.status or 0), now - began)
+                board.end(self.slot, self.requests, now)
             if self._logged_sink is not None:
                 self._logged_sink.log_request(environ, began)
         return True
@@ -739,16 +782,26 @@ class Worker(WorkerBase[_Conn, WSGIApp]):
             environ = self._environ(event, body)
             environ["wsgi.multithread"] = True
             began = time.monotonic()
-            token = self._in_flight.begin(environ["PATH_INFO"])
+            method, uri = environ["REQUEST_METHOD"], request_uri(environ)
+            token = self._in_flight.begin(method, uri)
+            slowlog = self.slowlog
+            ident = threading.get_ident()
+            if slowlog is not None:
+                slowlog.begin(ident, method, uri)
             try:
                 run_app(self.app, environ, sink.send, sink.finish)
+            except EndNotDelivered as exc:
+                log.debug("the web server closed before the end of a complete response: %s", exc)
+                return False
             except ClientDisconnected as exc:
                 log.info("client went away on %s: %s", environ.get("PATH_INFO"), exc)
                 return False
             except ResponseCutOff:
                 return False
             finally:
-                self._in_flight.end(token)
+                if slowlog is not None:
+                    slowlog.end(ident)
+                self._in_flight.end(token, int(sink.status or 0), time.monotonic() - began)
                 if isinstance(sink, _LoggedResponseSink):
                     sink.log_request(environ, began)
             return True
@@ -839,54 +892,65 @@ class _Threads:
 
 class _ResponseSink:
     """Where the app's response goes: STDOUT records of the request being served, then its
-    END_REQUEST. Every response, whether or not an access log is on, is written here.
+    END_REQUEST. Every response, whether or not an access log is on, is written here, and its
+    status noted (the first bytes are always the CGI head, "Status: NNN reason").
 
     A worker serves one request at a time, so it keeps one sink and start() points it at each
     request in turn: nothing is built per request but the two bound methods run_app gets.
     """
 
-    __slots__ = ("sock", "proto", "request_id", "timeout")
+    __slots__ = ("sock", "proto", "request_id", "timeout", "status")
     sock: socket.socket
     proto: Connection
     request_id: int
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
+        self.status = b""  # the three digits of the response's status; b"": none sent yet
 
     def start(self, sock: socket.socket, proto: Connection, request_id: int) -> None:
         self.sock = sock
         self.proto = proto
         self.request_id = request_id
+        self.status = b""
 
     def send(self, data: bytes) -> None:
         """Send part of the response now."""
+        if not self.status:
+            self.status = bytes(data[8:11])
         send_all(self.sock, self.proto.stdout(self.request_id, data), self.timeout)
 
     def finish(self, data: bytes) -> None:
-        """Send the last of the response and end the request, in one send."""
+        """Send the last of the response and end the request, in one send. Raises
+        EndNotDelivered when only the end was left to send and the web server had closed."""
         proto = self.proto
         rid = self.request_id
-        out = proto.stdout(rid, data) + proto.end_request(rid) if data else proto.end_request(rid)
-        send_all(self.sock, out, self.timeout)
+        if data:
+            if not self.status:
+                self.status = bytes(data[8:11])
+            send_all(self.sock, proto.stdout(rid, data) + proto.end_request(rid), self.timeout)
+            return
+        try:
+            send_all(self.sock, proto.end_request(rid), self.timeout)
+        except ClientDisconnected as exc:
+            raise EndNotDelivered(str(exc)) from exc
 
 
 class _LoggedResponseSink(_ResponseSink):
-    """A sink that also notes what the access log needs of a response (its status and size)
-    and writes the request's line. A separate class so that without an access log the request
+    """A sink that also counts the body's bytes (the CGI head excluded) and writes the
+    request's access log line. A separate class so that without an access log the request
     path does not pay for the counting."""
 
-    __slots__ = ("access_log", "status", "size")
+    __slots__ = ("access_log", "body_bytes")
 
     def __init__(self, timeout: float, access_log: AccessLog) -> None:
         super().__init__(timeout)
         self.access_log = access_log
-        self.status = b""
-        self.size = 0
+        self.body_bytes = 0
 
     def start(self, sock: socket.socket, proto: Connection, request_id: int) -> None:
         super().start(sock, proto, request_id)
-        self.status = b""
-        self.size = 0
+        self.body_bytes = 0
 
     def send(self, data: bytes) -> None:
         self._count(data)
@@ -897,11 +961,16 @@ class _LoggedResponseSink(_ResponseSink):
         super().finish(data)
 
     def _count(self, data: bytes) -> None:
-        if not self.size:
-            # The first bytes are the CGI head, "Status: NNN reason" (a memoryview when the
-            # head came with a body large enough to go out in slices).
-            self.status = bytes(data[8:11])
-        self.size += len(data)
+        if self.status:
+            self.body_bytes += len(data)
+            return
+        if not data:
+            return
+        # The first bytes: the CGI head (whole: run_app sends it in one piece), then perhaps
+        # the start of the body.
+        head = data if type(data) is bytes else bytes(data)
+        end = head.find(b"\r\n\r\n")
+        self.body_bytes = len(head) - end - 4 if end >= 0 else 0
 
     def log_request(self, environ: dict[str, Any], began: float) -> None:
-        self.access_log.write(environ, self.status, self.size, began)
+        self.access_log.write(environ, self.status, self.body_bytes, began)

@@ -2,7 +2,9 @@
 WSGI worker in worker.py, the ASGI worker in asgi.py): its place in the generation (live or
 still proving itself, the private proof connection, the scoreboard slot), signals as flags,
 accepting (the TCP allow-list, the back-off when out of descriptors), taking handed-over
-connections, and the housekeeping of each sweep (heartbeat, log reopening, the parent's life).
+connections, the request for `status_path` passed to the master (status_request,
+pass_status), the slowlog, and the housekeeping of each sweep (heartbeat, log reopening, the
+parent's life).
 
 A subclass says how a connection is served (`_adopt`), how the shared socket is watched
 (`_update_listening`) and how its loop is woken early (`_poke`).
@@ -24,10 +26,13 @@ from typing import Any, Generic, TextIO, TypeVar
 
 from fcgi_engine.config.address import AllowList
 from fcgi_engine.config.settings import ServerConfig
-from fcgi_engine.protocol import Limits
+from fcgi_engine.protocol import Limits, RequestReady, encode_name_values
 from fcgi_engine.serving.access_log import AccessLog
+from fcgi_engine.serving.environ import request_path
 from fcgi_engine.serving.handoff import receive_connection
 from fcgi_engine.serving.scoreboard import Scoreboard
+from fcgi_engine.serving.slowlog import SlowLog
+from fcgi_engine.status_pass import pass_status_request
 from fcgi_engine.system.ratelog import RateLimitedLog
 
 log = logging.getLogger("fcgi_engine.worker")
@@ -101,6 +106,7 @@ class WorkerBase(Generic[ConnT, AppT]):
         errors: TextIO | None = None,
         live: bool = True,
         access_fd: int = -1,
+        status_pass: socket.socket | None = None,
     ) -> None:
         self.app = app
         # Where the app's errors (wsgi.errors) and tracebacks go.
@@ -128,8 +134,31 @@ class WorkerBase(Generic[ConnT, AppT]):
         # The access log the generation opened (access_fd), else the configured file opened
         # here; None when there is none.
         path = options.settings.access_log
-        self.access_log = AccessLog(path, access_fd) if access_fd >= 0 or path else None
+        self.access_log = (
+            AccessLog(path, access_fd, options.settings.access_log_format)
+            if access_fd >= 0 or path
+            else None
+        )
+        # Where a request for status_path goes (the master answers it); without status_path
+        # the request path never looks.
+        self.status_pass = status_pass
+        self.status_path = options.settings.status_path
+        self.slowlog = self._open_slowlog()
         self._setup()
+
+    def _open_slowlog(self) -> SlowLog | None:
+        timeout = self.settings.slowlog_timeout
+        if timeout <= 0:
+            return None
+        try:
+            return SlowLog(self.settings.slowlog, timeout)
+        except OSError as exc:
+            log.error(
+                "cannot open the slowlog %s (%s); writing it to the error log",
+                self.settings.slowlog,
+                exc,
+            )
+            return SlowLog(None, timeout)
 
     def _setup(self) -> None:
         """The subclass's own state."""
@@ -254,6 +283,51 @@ class WorkerBase(Generic[ConnT, AppT]):
             return
         self._adopt(handed.sock, handed.leftover, handed.ended)
 
+    # ------------------------------------------------------------ the status request
+
+    def is_status_request(self, request: RequestReady) -> bool:
+        """Whether the request asks for status_path (the master answers it, not the app)."""
+        return self.status_path is not None and request_path(request.params) == self.status_path
+
+    def pass_status(
+        self,
+        sock: socket.socket,
+        request: RequestReady,
+        *,
+        stdin_done: bool,
+        ended: list[int],
+        leftover: bytes,
+    ) -> bool:
+        """Pass the connection of a status request to the master, which answers it (even when
+        every worker is busy); the caller then forgets the connection. False when it could not
+        be passed: the caller answers 503."""
+        if self.status_pass is None:
+            log.warning("a request for status_path %s, but no way to the master", self.status_path)
+            return False
+        params = encode_name_values(
+            (name.encode("latin-1"), value.encode("latin-1"))
+            for name, value in request.params.items()
+        )
+        try:
+            pass_status_request(
+                self.status_pass,
+                sock,
+                request.request_id,
+                request.keep_conn,
+                params,
+                stdin_done,
+                ended,
+                leftover,
+            )
+        except OSError as exc:
+            self._limited_log(
+                "status",
+                f"could not pass a request for {self.status_path} to the master: {exc}",
+                time.monotonic(),
+            )
+            return False
+        return True
+
     # ------------------------------------------------------------ housekeeping
 
     def _housekeeping(self, now: float) -> None:
@@ -268,6 +342,11 @@ class WorkerBase(Generic[ConnT, AppT]):
                     self.access_log.reopen()
             except OSError as exc:
                 log.error("cannot reopen the access log: %s", exc)
+            try:
+                if self.slowlog is not None:
+                    self.slowlog.reopen()
+            except OSError as exc:
+                log.error("cannot reopen the slowlog: %s", exc)
         # The parent-death signal (HUP) normally tells us; this is the fallback. Either way the
         # worker drains with hand-off: its idle keep-alive connections wait in the hand-off
         # socket for the generation the master boots next, instead of being closed on nginx.

@@ -108,11 +108,26 @@ def simple_response(status: str, text: str) -> bytes:
 
 
 class _ResponseState:
-    __slots__ = ("head", "sent")
+    __slots__ = ("head", "headers", "sent", "remaining", "ended", "excess")
 
     def __init__(self) -> None:
         self.head: bytes | None = None
-        self.sent = False
+        self.headers: list[tuple[str, str]] = []
+        self.sent = False  # the head went out
+        # Body bytes still due by the head's Content-Length (-1: none declared); known once the
+        # head goes out.
+        self.remaining = -1
+        self.ended = False  # the request's end went out, with the last of the body
+        self.excess = 0  # body bytes the app sent past its Content-Length (dropped)
+
+
+def declared_length(headers: list[tuple[str, str]]) -> int:
+    """The response's Content-Length, -1 when it has none (or not a number)."""
+    for name, value in headers:
+        if len(name) == 14 and name.lower() == "content-length":
+            value = value.strip()
+            return int(value) if value.isdigit() else -1
+    return -1
 
 
 def run_app(
@@ -124,8 +139,12 @@ def run_app(
     """Call the app and stream its response.
 
     send_stdout(data) sends response bytes now; finish(data) sends the last bytes together with
-    the end of the request. Raises ResponseCutOff when the response failed after it started, and
-    ClientDisconnected when the web server went away.
+    the end of the request. The end goes out with the last body bytes whenever they are known
+    to be the last (a list or tuple body, a body of len() 1, or the head's Content-Length
+    reached), so a web server that closes on Content-Length (lighttpd) still reads the end in
+    the same segment; body bytes past Content-Length are dropped and logged (the app's bug).
+    Raises ResponseCutOff when the response failed after it started, and ClientDisconnected
+    when the web server went away.
     """
     state = _ResponseState()
 
@@ -140,22 +159,42 @@ def run_app(
                 exc_info = None
         elif state.head is not None:
             raise AssertionError("start_response called a second time without exc_info")
-        state.head = _head(validate_status(status), validate_headers(headers))
+        state.headers = validate_headers(headers)
+        state.head = _head(validate_status(status), state.headers)
         return write
+
+    def emit(data: bytes, last: bool) -> None:
+        """Send body bytes (after the head, the first time); with `last`, end the request."""
+        if state.ended:
+            state.excess += len(data)
+            return
+        prefix = b""
+        if not state.sent:
+            assert state.head is not None
+            state.sent = True
+            prefix = state.head
+            state.remaining = declared_length(state.headers)
+        remaining = state.remaining
+        if remaining >= 0:
+            if len(data) >= remaining:
+                if len(data) > remaining:
+                    state.excess += len(data) - remaining
+                    data = data[:remaining]
+                last = True
+            state.remaining = remaining - len(data)
+        if last:
+            state.ended = True
+            _finish_sliced(send_stdout, finish, prefix, data)
+        else:
+            _send_sliced(send_stdout, prefix, data)
 
     def write(data: bytes) -> None:
         if type(data) is not bytes:
             raise TypeError(f"write() takes bytes, got {type(data).__name__}")
-        head = state.head
-        if head is None:
+        if state.head is None:
             raise AssertionError("write() called before start_response")
-        if not state.sent:
-            state.sent = True
-            _send_sliced(send_stdout, head + data if len(data) < _SEND_SLICE else head)
-            if len(data) >= _SEND_SLICE:
-                _send_sliced(send_stdout, data)
-        elif data:
-            _send_sliced(send_stdout, data)
+        if data or not state.sent:
+            emit(data, False)
 
     result: Iterable[bytes] | None = None
     try:
@@ -168,33 +207,41 @@ def run_app(
             head = state.head
             if head is None:
                 raise AssertionError("the app returned without calling start_response")
-            state.sent = True
-            if len(data) < _SEND_SLICE:
-                finish(head + data)
-            else:
-                send_stdout(head)
-                _send_sliced(send_stdout, data)
-                finish(b"")
+            state.sent = state.ended = True
+            _finish_sliced(send_stdout, finish, head, data)
             return
+        # Chunks still to come when the body says how many it has (a list, or len() 1): the
+        # last of them ends the request. -1: not known.
+        left = len(result) if isinstance(result, (list, tuple)) else _length_hint(result)
         for chunk in result:
             if type(chunk) is not bytes:
                 raise TypeError(f"the app yielded {type(chunk).__name__}, not bytes")
-            if chunk or not state.sent:
-                write(chunk)
+            left -= 1
+            if chunk or not state.sent or left == 0:
+                if state.head is None:
+                    raise AssertionError("the app yielded before calling start_response")
+                emit(chunk, left == 0)
         if state.head is None:
             raise AssertionError("the app returned without calling start_response")
         if not state.sent:
-            state.sent = True
+            state.sent = state.ended = True
             finish(state.head)
-        else:
+        elif not state.ended:
+            state.ended = True
             finish(b"")
     except ClientDisconnected:
         raise
     except BodyTooLarge as exc:
+        if state.ended:
+            return
         if state.sent:
             raise ResponseCutOff(str(exc)) from exc
         finish(simple_response("413 Payload Too Large", str(exc) + "\n"))
     except Exception as exc:
+        if state.ended:
+            # The response is whole and ended: the connection carries on.
+            _log_app_error(environ, "after its response was complete")
+            return
         if state.sent:
             _log_app_error(environ, "after the response started; cutting it off")
             raise ResponseCutOff(repr(exc)) from exc
@@ -207,15 +254,57 @@ def run_app(
                 close()
             except Exception:
                 _log_app_error(environ, "in the response's close()")
+        if state.excess:
+            log.error(
+                "app error on %s %s: %d body bytes past its Content-Length, dropped",
+                environ.get("REQUEST_METHOD", "?"),
+                environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""),
+                state.excess,
+            )
 
 
-def _send_sliced(send: Callable[[Any], None], data: bytes) -> None:
+def _length_hint(result: Any) -> int:
+    """len(result) when its type has a length of 1 (the one chunk is then the last), else -1.
+    Only 1 counts: an object's len() may count something else than chunks."""
+    if getattr(type(result), "__len__", None) is None:
+        return -1
+    try:
+        return 1 if len(result) == 1 else -1
+    except Exception:  # noqa: BLE001 - a broken __len__ only costs the early end
+        return -1
+
+
+def _send_sliced(send: Callable[[Any], None], prefix: bytes, data: bytes) -> None:
+    """Send `prefix` (the head, or b"") and `data`, in slices of at most _SEND_SLICE bytes. The
+    head always starts a send of its own bytes, so a sink reads it whole."""
+    if prefix:
+        if len(prefix) + len(data) <= _SEND_SLICE:
+            send(prefix + data)
+            return
+        send(prefix)
     if len(data) <= _SEND_SLICE:
-        send(data)
+        if data:
+            send(data)
         return
     view = memoryview(data)
     for start in range(0, len(data), _SEND_SLICE):
         send(view[start : start + _SEND_SLICE])
+
+
+def _finish_sliced(
+    send: Callable[[Any], None], finish: Callable[[Any], None], prefix: bytes, data: bytes
+) -> None:
+    """As _send_sliced, the last slice going out with the end of the request."""
+    if len(prefix) + len(data) <= _SEND_SLICE:
+        finish(prefix + data if prefix else data)
+        return
+    if prefix:
+        send(prefix)
+    view = memoryview(data)
+    last = max(0, len(data) - _SEND_SLICE)
+    if last:
+        _send_sliced(send, b"", view[:last])  # type: ignore[arg-type]
+    finish(view[last:])
 
 
 def _log_app_error(environ: dict[str, Any], what: str) -> None:
