@@ -304,7 +304,7 @@ class Fronts:
                 )
             front = Front(kind, proc, port, fdir, tag)
             self.started.append(front)
-            self.logs.append(lambda f=front: f"--- {f.kind} in {f.dir}\n{f.error_log()}")
+            self.watch(f"{kind} in {fdir}", front.error_log)
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline and proc.poll() is None:
                 if can_connect(f"127.0.0.1:{port}"):

@@ -81,7 +81,8 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
             value = s.check(raw)
         except ValueError as exc:
             raise UsageError(f"{s.flag}: {exc}") from None
-        values[s.key] = os.path.abspath(value) if s.about.path else value
+        # "-" is a standard stream (access_log: stdout; error_log: stderr), not a file name.
+        values[s.key] = os.path.abspath(value) if s.about.path and value != "-" else value
     values.setdefault("name", values["app"])
     values.setdefault("socket", "fd:0")
     problem = cross_check(values, spell=lambda key: SETTING_BY_KEY[key].flag)

@@ -29,6 +29,7 @@ from fcgi_engine.config.settings import (
 )
 from fcgi_engine.system import interpreter
 from fcgi_engine.system import pidfile as pidfiles
+from fcgi_engine.system.logfile import is_stream
 
 
 class Code(enum.IntEnum):
@@ -229,7 +230,7 @@ def check(server: ServerConfig, timeout: float | None = None) -> Outcome:
     argv = [python, "-m", "fcgi_engine.serving", "--check", server.app_spec or ""]
     argv += ["--interface", server.interface]
     for log_path in (server.access_log, server.error_log):
-        if log_path:
+        if log_path and not is_stream(log_path):
             # Opened for append (created) by the check as the server's user, as the server will.
             argv += ["--log", log_path]
     as_user = f" as user {identity.user}" if identity else ""
@@ -685,17 +686,14 @@ def requests_by_class(status: dict[str, Any]) -> dict[str, int]:
 
 
 def listen_queue_text(status: dict[str, Any]) -> str:
-    """`queue 3/18` (now / the most it reached) with `of 128` when the backlog limit is known;
-    "" when the master does not measure it."""
+    """`queue 3 (max 18, limit 128)`: connections waiting in the kernel's listen queue now, the
+    most it held, and the backlog past which the kernel refuses them (each part only when the
+    master measures it); "" when it does not."""
     queue = metrics_of(status).get("listen_queue")
     if not isinstance(queue, dict) or queue.get("now") is None:
         return ""
-    text = f"queue {queue['now']}"
-    if queue.get("max") is not None:
-        text += f"/{queue['max']} max"
-    if queue.get("limit") is not None:
-        text += f" (limit {queue['limit']})"
-    return text
+    more = [f"{k} {queue[k]}" for k in ("max", "limit") if queue.get(k) is not None]
+    return f"queue {queue['now']}" + (f" ({', '.join(more)})" if more else "")
 
 
 def load_summary(status: dict[str, Any]) -> list[str]:

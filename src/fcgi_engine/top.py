@@ -190,6 +190,12 @@ def run(
                 out.write("\n")  # frames one after the other in a log or a pipe
     except KeyboardInterrupt:
         return 0
+    except BrokenPipeError:
+        # `top | head`: the reader is gone, so are we; nothing left to flush at exit.
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, out.fileno())
+        os.close(null)
+        return 0
     finally:
         if restore is not None:
             restore()

@@ -1,6 +1,7 @@
 """The logs of real servers: the slowlog (the stack of a request running past slowlog_timeout,
 for the inline, threaded and ASGI workers), the access log's formats, and `-` / /dev/stdout
-reaching the master's own stdout."""
+reaching the master's own stdout. Also what keeps lighttpd's log clean: an ASGI response ends
+with the body message that completes its Content-Length."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from fcgi_engine.client import request
+from fcgi_engine.client import build_params, connect, encode_request, request
 from tests.conftest import ENGINE, Server, _ready, wait_for
 
 pytestmark = pytest.mark.integration
@@ -146,16 +147,12 @@ def serve_with_streams(tmp: Path, app: str, *args: str) -> tuple[Server, Path, P
             stderr=stderr,
             stdin=subprocess.DEVNULL,
             env=dict(os.environ, FCGI_TEST_TAG=tag),
+            cwd=tmp,  # a log named `-` taken for a file lands here, not in the checkout
         )
     server = Server(proc, address, pidfile, str(err), tag)
     return server, out, err
 
 
-@pytest.mark.xfail(
-    reason="needs the master to pass its stdout to generations ($FCGI_ENGINE_STDOUT_FD, "
-    "master/loop.py) and `-` kept as it is by cli.py and config/loader.py",
-    strict=True,
-)
 @pytest.mark.parametrize("name", ["-", "/dev/stdout"])
 def test_access_log_dash_and_dev_stdout_reach_stdout(tmp: Path, name: str) -> None:
     server, out, err = serve_with_streams(tmp, write_app(tmp, SLOW_WSGI), "--access-log", name)
@@ -188,3 +185,34 @@ def test_usr1_reopens_the_slowlog(serve, tmp: Path) -> None:
 
     wait_for(reopened, 15, interval=0.1, what="the slowlog reopened")
     assert set(results) == {200}
+
+
+HOLDS_AFTER_ITS_BODY = """
+async def application(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"10")]})
+    await send({"type": "http.response.body", "body": b"0123456789", "more_body": True})
+    # The body is complete: the end must already be out. Wait until the web server goes.
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    await send({"type": "http.response.body", "body": b""})
+"""
+
+
+def test_asgi_response_ends_with_the_message_that_completes_content_length(
+    serve, tmp: Path
+) -> None:
+    server = serve(write_app(tmp, HOLDS_AFTER_ITS_BODY), nproc=1)
+    with connect(server.address, 10) as sock:
+        sock.sendall(encode_request(1, build_params(path="/held")))
+        data = b""
+        # END_REQUEST is record type 3; the app only returns once this side closes.
+        while b"\x01\x03\x00\x01" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+        assert b"0123456789" in data
+    assert request(server.address, "/again", timeout=10).status == 200
+    assert "went away" not in server.log() and "Traceback" not in server.log()

@@ -282,20 +282,6 @@ def test_init_script_actions_return_lsb_exit_codes(cli_for, tmp: Path) -> None:
     assert run("start").returncode == 5
 
 
-def test_systemd_unit_calls_valid_commands(cli_for, tmp: Path) -> None:
-    unit = (EXAMPLES / "systemd" / "fcgi-engine.service").read_text()
-    execs = dict(re.findall(r"^(Exec\w+)=(.+)$", unit, re.M))
-    assert set(execs) == {"ExecStartPre", "ExecStart", "ExecReload", "ExecStop"}
-    assert "Type=oneshot" in unit and "RemainAfterExit=yes" in unit
-    cli = cli_for(seed(tmp))
-    expected = {"ExecStartPre": 0, "ExecStart": 0, "ExecReload": 0, "ExecStop": 0}
-    for key in ("ExecStartPre", "ExecStart", "ExecReload", "ExecStop"):
-        binary, *args = execs[key].split()
-        assert binary.endswith("/fcgi-engine")
-        r = cli(*args)
-        assert r.returncode == expected[key], (key, r.stdout, r.stderr)
-
-
 def gone(pid: int) -> bool:
     """The process has exited (a zombie included: its parent may not have reaped it yet)."""
     try:

@@ -89,7 +89,7 @@ def start_setup(
     setup: str, serve, fronts: Fronts, tmp: Path, root: Path
 ) -> tuple[Server | Spawned, Front]:
     """The engine serving root/current and `setup`'s front end before it."""
-    kind, transport, *reuse = setup.split("-", 2)
+    kind, transport = setup.split("-")[:2]
     if transport == "spawned":
         engine_log = str(tmp / "spawned.log")
         command = spawn_command(
@@ -108,7 +108,9 @@ def start_setup(
         spawned = Spawned(str(tmp / "spawned.pid"), engine_log)
         fronts.watch("the engine lighttpd spawned", spawned.log)
         front = fronts.lighttpd(spawn=command)
-        wait_for(lambda: Path(spawned.pidfile).exists(), 20, what="the spawned engine")
+        wait_for(
+            lambda: ctl(spawned, "status")["status"]["generation"], 20, what="the spawned engine"
+        )
         return spawned, front
     if transport == "tcp":
         serve = functools.partial(serve, listen="127.0.0.1:0")
@@ -117,7 +119,7 @@ def start_setup(
     server = serve_site(serve, root, *mode)
     fronts.watch("fcgi-engine", server.log)
     if kind == "apache":
-        return server, fronts.apache(server.address, reuse=reuse == ["reuse", "on"])
+        return server, fronts.apache(server.address, reuse=setup.endswith("reuse-on"))
     if kind == "lighttpd":
         return server, fronts.lighttpd(server.address)
     return server, fronts.caddy(server.address)
@@ -143,7 +145,8 @@ def upload(port: int, size: int) -> dict:
     """POST `size` bytes to /upload, streamed from a generator (never held whole)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=180)
     try:
-        conn.request("POST", "/upload", body=chunks(size), headers={"Content-Length": str(size)})
+        headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
+        conn.request("POST", "/upload", body=chunks(size), headers=headers)
         response = conn.getresponse()
         data = response.read()
         assert response.status == 200, (response.status, data[:500])
@@ -219,13 +222,16 @@ FACTORY = "flask_factory:create_app('shop', greeting='hi')"
 def test_flask_app_from_a_factory(serve, fronts, setup: str) -> None:
     kind = setup.split("-")[0]
     mode = ("--socket-mode", "0666") if kind == "apache" else ()
-    server = serve(FACTORY, "--chdir", str(APPS), "--threads", "4", *mode, nproc=2)
+    server = serve(FACTORY, "--chdir", str(APPS), *mode, nproc=2)
     fronts.watch("fcgi-engine", server.log)
     with fronts.explain():
-        front = {"apache": lambda: fronts.apache(server.address, reuse=True)}.get(
-            kind, lambda: getattr(fronts, kind)(server.address)
-        )()
-        answers = [json.loads(fetch(front.port, "GET", "/")[1]) for _ in range(6)]
+        if kind == "apache":
+            front = fronts.apache(server.address, reuse=True)
+        elif kind == "lighttpd":
+            front = fronts.lighttpd(server.address)
+        else:
+            front = fronts.caddy(server.address)
+        answers = [json.loads(fetch(front.port, "GET", "/")[1]) for _ in range(20)]
         first = answers[0]
         assert (first["name"], first["greeting"]) == ("shop", "hi")
         assert (first["script_name"], first["path"]) == ("", "/")
@@ -241,26 +247,7 @@ def test_flask_app_from_a_factory(serve, fronts, setup: str) -> None:
         )
         assert (status, body) == (200, b"hi flask, 5000 chars")
         size = 8 * MB
-        answer = json.loads(_post_stream(front.port, "/upload", size))
-        assert answer == {"length": size, "sha256": expected_digest(size)}
+        assert upload(front.port, size) == {"length": size, "sha256": expected_digest(size)}
+        # Flask answers with an iterable, not a list: no complaint either (issue 10, item 6).
+        assert not (found := complaints(server.log())), found[:3]
         assert not front.errors(), front.errors()[:3]
-
-
-def _post_stream(port: int, path: str, size: int) -> bytes:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        conn.request(
-            "POST",
-            path,
-            body=chunks(size),
-            headers={
-                "Content-Length": str(size),
-                "Content-Type": "application/octet-stream",
-            },
-        )
-        response = conn.getresponse()
-        data = response.read()
-        assert response.status == 200, (response.status, data[:500])
-        return data
-    finally:
-        conn.close()

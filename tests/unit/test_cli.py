@@ -166,7 +166,7 @@ def test_status_line_shows_queue_rate_in_flight_and_classes() -> None:
     assert outcome.code == Code.OK
     message = outcome.message
     assert "generation 4, workers 3/3 (1 busy)" in message
-    assert "queue 3/18 max (limit 128)" in message
+    assert "queue 3 (max 18, limit 128)" in message
     assert "12.5 req/s" in message
     assert "1 in flight" in message
     assert "2xx 90 4xx 8 5xx 2" in message and "1xx" not in message
@@ -198,7 +198,7 @@ def test_top_frame_has_a_header_per_server_and_a_line_per_worker() -> None:
     head = lines[0]
     assert head.startswith("api: pid 100  generation 4 (up 1m05s)")
     assert "workers 3/3 (1 busy, 1 idle, 1 draining)" in head
-    assert "queue 3/18 max (limit 128)" in head
+    assert "queue 3 (max 18, limit 128)" in head
     assert "12.5 req/s" in head  # the master's own rate: no earlier frame to compare with
     assert "1 in flight" in head and "100 requests (2xx 90 4xx 8 5xx 2)" in head
     busy = next(line for line in lines if " 101 " in line)

@@ -8,7 +8,7 @@ from wsgiref.validate import validator
 import pytest
 
 from fcgi_engine.serving.body import BodyTooLarge, InputStream
-from fcgi_engine.serving.environ import build_environ, request_path
+from fcgi_engine.serving.environ import build_environ
 from fcgi_engine.serving.wsgi import (
     HeaderError,
     ResponseCutOff,
@@ -16,6 +16,7 @@ from fcgi_engine.serving.wsgi import (
     validate_headers,
     validate_status,
 )
+from fcgi_engine.status_pass import request_path
 
 
 def env(**params: str) -> dict:

@@ -18,9 +18,11 @@ LAYER = {
     "handoff": 1,
     "status_pass": 1,
     "metrics": 1,
+    "reloader": 1,
     "serving": 2,
     "master": 2,
     "manager": 2,
+    "top": 3,
     "cli": 3,
     "__main__": 3,
     "__init__": 0,
@@ -45,6 +47,13 @@ def imports_of(path: Path) -> list[str]:
             found += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module:
             found.append(node.module)
+            if node.module == "fcgi_engine":
+                # `from fcgi_engine import top` imports the module fcgi_engine.top.
+                found += [
+                    f"fcgi_engine.{a.name}"
+                    for a in node.names
+                    if (PACKAGE / f"{a.name}.py").exists() or (PACKAGE / a.name).is_dir()
+                ]
     return [name for name in found if name == "fcgi_engine" or name.startswith("fcgi_engine.")]
 
 

@@ -18,7 +18,7 @@ def test_scoreboard_keeps_heartbeat_and_request_fields_apart() -> None:
     board = Scoreboard(3)
     board.reset(1, 0, now=5.0)
     board.set_pid(1, 4321)
-    board.begin(1, 1000.0, "/x" * 100)
+    board.begin(1, 1000.0, "GET", "/x" * 100)
     board.heartbeat(1, 7.5)
     state = board.read(1)
     assert (state.pid, state.busy, state.started, state.heartbeat) == (4321, True, 1000.0, 7.5)

@@ -397,15 +397,15 @@ def test_in_flight_shows_the_oldest_request() -> None:
     second = flight.begin("GET", "/second")
     assert (board.read(0).busy, board.read(0).path) == (True, "/first")
     third = flight.begin("GET", "/third")
-    flight.end(second)
+    flight.end(second, 200, 0.01)
     assert (board.read(0).path, board.read(0).started, board.read(0).requests) == (
         "/first",
         started,
         1,
     )
-    flight.end(first)
+    flight.end(first, 200, 0.01)
     assert (board.read(0).busy, board.read(0).path, board.read(0).requests) == (True, "/third", 2)
-    flight.end(third)
+    flight.end(third, 200, 0.01)
     assert (board.read(0).busy, board.read(0).requests) == (False, 3)
     assert flight.oldest() is None
 

@@ -275,7 +275,8 @@ def _server(path: str, base: str, index: int, entry: Any, defaults: dict[str, An
     if isinstance(address, UnixAddress):
         values["socket"] = os.path.join(base, address.path)
     for key in PATH_KEYS:
-        if key in values:
+        # "-" is a standard stream (access_log: stdout; error_log: stderr), not a file name.
+        if key in values and values[key] != "-":
             values[key] = os.path.join(base, os.path.expanduser(values[key]))
     if "scriptname" in values and "chdir" not in values:
         values["chdir"] = os.path.dirname(values["scriptname"])

@@ -215,7 +215,12 @@ class ServerConfig:
     )
     group: str | None = setting(None, "group the app runs as (default: the user's; needs user)")
     socket_mode: int = setting(
-        0o660, "mode of a unix socket, in octal", also=str, parse=parse_mode, shown="0660"
+        0o660,
+        "mode of a unix socket, in octal",
+        also=str,
+        parse=parse_mode,
+        shown="0660",
+        metavar="MODE",
     )
     health: str | None = setting(
         None,

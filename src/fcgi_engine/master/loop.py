@@ -25,7 +25,7 @@ from fcgi_engine.control import unhandled
 from fcgi_engine.master import policy as P
 from fcgi_engine.master.status_server import StatusServer
 from fcgi_engine.protocol import Limits
-from fcgi_engine.system import interpreter, sockets
+from fcgi_engine.system import interpreter, logfile, sockets
 from fcgi_engine.system.listenq import ListenQueue
 from fcgi_engine.system.logfile import redirect_stderr
 from fcgi_engine.system.notify import (
@@ -189,6 +189,7 @@ class MasterLoop:
         # answers them. Like the hand-off pair, it outlives generations and a re-exec.
         self.status_recv, self.status_send = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.listen_queue = ListenQueue(listener)
+        self._stdout_fd: int | None = None  # see _stdout_copy
         self.queue_sampled_at = 0.0
         self.queue_waiting = 0  # consecutive samples with connections waiting
         # The master takes connections from the listener itself (see status_server).
@@ -299,6 +300,15 @@ class MasterLoop:
             P.GenerationExited(gen_id, now, 127),
         ]
 
+    def _stdout_copy(self) -> int:
+        """A descriptor of the master's stdout that generations inherit (-1: none)."""
+        if self._stdout_fd is None:
+            try:
+                self._stdout_fd = os.dup(1)
+            except OSError:
+                self._stdout_fd = -1
+        return self._stdout_fd
+
     def _spawn(self, gen_id: int, nproc: int) -> None:
         try:
             ours, theirs = socket.socketpair()
@@ -329,6 +339,11 @@ class MasterLoop:
             handoff_recv_fd=self.handoff_recv.fileno(),
             status_pass_fd=self.status_send.fileno(),
         ).to_json()
+        # A generation's stdout and stderr are the pipe the master logs from; an access log
+        # named `-` or /dev/stdout goes to a copy of the master's own stdout instead.
+        stdout_copy = self._stdout_copy()
+        if stdout_copy >= 0:
+            env[logfile.STDOUT_FD_ENV] = str(stdout_copy)
         cwd = os.path.realpath(self.cfg.chdir) if self.cfg.chdir else None
         python = interpreter.python(self.cfg.python)
         try:
@@ -340,6 +355,7 @@ class MasterLoop:
                     self.handoff_send.fileno(),
                     self.handoff_recv.fileno(),
                     self.status_send.fileno(),
+                    *([stdout_copy] if stdout_copy >= 0 else []),
                 ),
                 cwd=cwd,
                 env=env,

@@ -13,7 +13,7 @@ from fcgi_engine.config.settings import IdentityError, ServerConfig, resolve_all
 from fcgi_engine.master.loop import REEXEC_ENV, MasterLoop, ReexecState
 from fcgi_engine.system import pidfile as pidfiles
 from fcgi_engine.system import sockets
-from fcgi_engine.system.logfile import redirect_stderr
+from fcgi_engine.system.logfile import is_stream, redirect_stderr
 
 log = logging.getLogger("fcgi_engine.master")
 
@@ -264,7 +264,9 @@ def _daemonize(cfg: ServerConfig) -> int:
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
-    if not cfg.error_log:
+    # A daemon has no terminal: an error log on a standard stream would write to the one it
+    # was started from.
+    if not cfg.error_log or is_stream(cfg.error_log):
         os.dup2(null, 2)
     os.close(null)
     return w

@@ -33,18 +33,6 @@ def build_environ(
     return environ
 
 
-def request_path(params: dict[str, str]) -> str:
-    """The URL path a request asked for, from its params as the web server sent them (before
-    normalise_params): SCRIPT_NAME + PATH_INFO when either is set (nginx's stock params put the
-    whole path in SCRIPT_NAME, the README's in PATH_INFO; Apache and lighttpd split it at the
-    mount point), else DOCUMENT_URI (nginx's $document_uri), else REQUEST_URI without its query.
-    The query string is never part of it."""
-    path = params.get("SCRIPT_NAME", "") + params.get("PATH_INFO", "")
-    if path:
-        return path
-    return params.get("DOCUMENT_URI") or params.get("REQUEST_URI", "").partition("?")[0]
-
-
 def normalise_params(environ: dict[str, Any], script_name: str | None = None) -> str:
     """Normalise FastCGI params in place, as both the WSGI environ and the ASGI scope see them:
     the CGI defaults, SERVER_NAME/SERVER_PORT, SCRIPT_NAME/PATH_INFO split at the mount point

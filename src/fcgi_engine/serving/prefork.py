@@ -9,7 +9,6 @@ counts of workers that are gone are kept here, so the generation's totals never 
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import random
@@ -19,7 +18,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fcgi_engine.channel import CurrentRequest, RequestCounts, WorkerInfo
 from fcgi_engine.client import ClientError, get_values, request
@@ -118,12 +117,6 @@ class PythonWorkers:
                 from fcgi_engine.serving.asgi import AsgiWorker
 
                 worker_class = AsgiWorker
-            # Transitional, until every worker class takes the status hand-over socket.
-            extra: dict[str, Any] = (
-                {"status_pass": self.status_pass}
-                if "status_pass" in inspect.signature(worker_class).parameters
-                else {}
-            )
             worker = worker_class(
                 self.app,
                 self.listener,
@@ -135,7 +128,7 @@ class PythonWorkers:
                 slot=slot.index,
                 live=live,
                 access_fd=self.access_fd,
-                **extra,
+                status_pass=self.status_pass,
             )
             worker.install_signals()
             worker.run()

@@ -124,10 +124,7 @@ class Scoreboard:
     def set_pid(self, slot: int, pid: int) -> None:
         _PID.pack_into(self._map, slot * _SLOT.size + _PID_AT, pid)
 
-    def begin(self, slot: int, now: float, method: str, uri: str | None = None) -> None:
-        # Transitional: begin(slot, now, path), as before the method was recorded.
-        if uri is None:
-            method, uri = "", method
+    def begin(self, slot: int, now: float, method: str, uri: str) -> None:
         offset = slot * _SLOT.size
         _BUSY.pack_into(self._map, offset + _BUSY_AT, 1, now)
         # "8s" and "120s" truncate longer strings and pad shorter ones with NULs.
@@ -197,10 +194,7 @@ class InFlight:
         self._running: dict[int, tuple[float, str, str]] = {}
         self._next = 0
 
-    def begin(self, method: str, uri: str | None = None) -> int:
-        # Transitional: begin(path), as before the method was recorded.
-        if uri is None:
-            method, uri = "", method
+    def begin(self, method: str, uri: str) -> int:
         with self._lock:
             token = self._next
             self._next += 1
@@ -212,9 +206,9 @@ class InFlight:
                     self.board.begin(self.slot, started, method, uri)
             return token
 
-    def end(self, token: int, status: int | None = None, duration: float = 0.0) -> None:
+    def end(self, token: int, status: int, duration: float) -> None:
         """The request of `token` ended with HTTP `status` (0: no response started) after
-        `duration` seconds. (Transitional: without a status it is not recorded.)"""
+        `duration` seconds."""
         with self._lock:
             running = self._running
             was_oldest = next(iter(running)) == token
@@ -223,8 +217,7 @@ class InFlight:
             board = self.board
             if board is None:
                 return
-            if status is not None:
-                board.record(self.slot, status, duration)
+            board.record(self.slot, status, duration)
             board.set_in_flight(self.slot, len(running))
             if not running:
                 board.end(self.slot, self.ended, time.monotonic())

@@ -20,6 +20,11 @@ STDOUT_NAMES = ("-", "/dev/stdout")
 STDERR_NAMES = ("/dev/stderr",)
 
 
+def is_stream(path: str) -> bool:
+    """`path` names a standard stream (`-`, /dev/stdout, /dev/stderr), not a file to open."""
+    return path in STDOUT_NAMES or path in STDERR_NAMES
+
+
 def stdout_fd() -> int:
     """The descriptor that is our real stdout: the master's when it passed it, else fd 1."""
     inherited = os.environ.get(STDOUT_FD_ENV, "")
