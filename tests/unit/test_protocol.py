@@ -331,7 +331,7 @@ def test_fast_params_decoder_matches_the_general_one(pairs: list[tuple[bytes, by
 
 
 def test_a_moved_connection_still_ignores_records_of_ended_requests() -> None:
-    from fcgi_engine.serving.handoff import decode_handoff, encode_handoff
+    from fcgi_engine.handoff import decode_handoff, encode_handoff
 
     old = Connection()
     full = encode_request(1, PARAMS, b"body the app never read", keep_conn=True)

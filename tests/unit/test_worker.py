@@ -20,14 +20,14 @@ import pytest
 
 from fcgi_engine.client import Exchange, build_params, connect, encode_request, request
 from fcgi_engine.config.settings import ServerConfig
-from fcgi_engine.protocol.codec import encode_record
-from fcgi_engine.protocol.constants import RecordType
-from fcgi_engine.serving.handoff import (
+from fcgi_engine.handoff import (
     decode_handoff,
     encode_handoff,
     receive_connection,
     send_connection,
 )
+from fcgi_engine.protocol.codec import encode_record
+from fcgi_engine.protocol.constants import RecordType
 from fcgi_engine.serving.scoreboard import (
     PATH_BYTES,
     SLOT_LAYOUT,

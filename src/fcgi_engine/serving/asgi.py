@@ -31,6 +31,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
+from fcgi_engine.handoff import send_connection
 from fcgi_engine.protocol import (
     NEED_DATA,
     Connection,
@@ -45,7 +46,6 @@ from fcgi_engine.protocol import (
 from fcgi_engine.serving.access_log import request_uri
 from fcgi_engine.serving.asgi_scope import build_scope, declared_length, response_head
 from fcgi_engine.serving.body import ClientDisconnected
-from fcgi_engine.serving.handoff import send_connection
 from fcgi_engine.serving.scoreboard import InFlight
 from fcgi_engine.serving.worker import LINGER_SECONDS, RECV_SIZE, describe_peer
 from fcgi_engine.serving.worker_base import SWEEP_SECONDS, Phase, WorkerBase

@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from fcgi_engine.handoff import send_connection
 from fcgi_engine.protocol import (
     NEED_DATA,
     Connection,
@@ -59,7 +60,6 @@ from fcgi_engine.serving.body import (
     SpooledBody,
 )
 from fcgi_engine.serving.environ import build_environ
-from fcgi_engine.serving.handoff import send_connection
 from fcgi_engine.serving.loader import WSGIApp
 from fcgi_engine.serving.scoreboard import InFlight
 from fcgi_engine.serving.worker_base import (

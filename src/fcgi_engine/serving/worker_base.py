@@ -26,9 +26,9 @@ from typing import Any, Generic, TextIO, TypeVar
 
 from fcgi_engine.config.address import AllowList
 from fcgi_engine.config.settings import ServerConfig
+from fcgi_engine.handoff import receive_connection
 from fcgi_engine.protocol import Limits, RequestReady, encode_name_values
 from fcgi_engine.serving.access_log import AccessLog
-from fcgi_engine.serving.handoff import receive_connection
 from fcgi_engine.serving.scoreboard import Scoreboard
 from fcgi_engine.serving.slowlog import SlowLog
 from fcgi_engine.status_pass import pass_status_request, request_path
