@@ -290,6 +290,8 @@ def _check_unique(path: str, servers: list[ServerConfig], entries: list[Any]) ->
         lines = getattr(entry, "lines", {})
         for key in UNIQUE_KEYS:
             value = getattr(server, key)
+            if value is None:  # unset (an optional key such as status_listen)
+                continue
             marker = f"{key}={value}"
             if marker in seen:
                 raise ConfigError(

@@ -231,6 +231,21 @@ class ServerConfig:
     boot_timeout: float = setting(
         30.0, "seconds a new generation has to be ready", minimum=0.1, unit="s"
     )
+    drain_delay: float = setting(
+        0.0,
+        "seconds a server told to stop (TERM) goes on serving, reporting not ready, before it "
+        "stops accepting: time for a load balancer to stop sending it requests",
+        minimum=0,
+        unit="s",
+        zero="none",
+    )
+    status_listen: str | None = setting(
+        None,
+        "HOST:PORT (or unix socket path) of an HTTP listener on the master for orchestrators: "
+        "/readyz, /livez and /status (JSON); answered without app code",
+        metavar="ADDR",
+        per_server=True,
+    )
     graceful_timeout: float = setting(
         30.0, "seconds a draining worker may finish", minimum=0, unit="s"
     )
