@@ -5,10 +5,12 @@ restarts by cause (crash, memory), rollouts."""
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
 import signal
+import socket
 import threading
 from typing import Any
 
@@ -16,6 +18,7 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from fcgi_engine.client import request
+from fcgi_engine.config.address import TcpAddress, parse_address
 from tests.conftest import APPS, wait_for
 
 pytestmark = pytest.mark.integration
@@ -32,6 +35,12 @@ def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[in
         return r.status, r.getheader("Content-Type") or "", r.read()
     finally:
         conn.close()
+
+
+def parse_host_port(address: str) -> tuple[str, int]:
+    parsed = parse_address(address)
+    assert isinstance(parsed, TcpAddress)
+    return parsed.host, parsed.port
 
 
 def page(address: str, timeout: float = 10.0) -> dict[str, Any]:
@@ -110,6 +119,60 @@ def test_answers_while_every_worker_is_busy_and_connections_wait(serve) -> None:
             thread.join(30)
     # Every request the master read and handed on was served.
     assert sorted(results) == [200] * 6
+
+
+@pytest.mark.parametrize("reexec", [False, True], ids=["steady", "usr2"])
+def test_no_request_is_lost_while_the_master_looks_for_status_requests(serve, reexec) -> None:
+    """Found by trying it as an attacker would: with every worker busy, the master takes
+    connections from the queue to find status requests. POSTs with bodies, and peers that
+    trickle a status request byte by byte, must neither be lost nor lock the status page out,
+    and a USR2 re-exec must carry the connections the master holds over."""
+    server = serve(APP, f"--status-path={STATUS}", listen="127.0.0.1:0", nproc=1)
+    body = os.urandom(100_000)
+    digest = hashlib.sha256(body).hexdigest()
+    results: list[tuple[str, int, bytes]] = []
+    lock = threading.Lock()
+
+    def call(path: str, method: str = "GET", data: bytes = b"") -> None:
+        try:
+            r = request(server.address, path, method=method, body=data, timeout=40)
+            outcome = (path, r.status, r.body)
+        except OSError as exc:
+            outcome = (path, 0, repr(exc).encode())
+        with lock:
+            results.append(outcome)
+
+    slow = threading.Thread(target=call, args=("/slow?s=5",))
+    slow.start()
+    wait_for(lambda: server.status()["workers"][0]["state"] == "busy", 10, what="a busy worker")
+    # Peers that send a status request's first bytes and then nothing: the master hands them
+    # to the workers after a glance instead of holding a slot for each.
+    tricklers = []
+    for _ in range(70):
+        sock = socket.create_connection(parse_host_port(server.address), timeout=5)
+        sock.sendall(b"\x01\x01\x00\x01\x00\x08\x00\x00")  # half a BEGIN_REQUEST
+        tricklers.append(sock)
+    posts = [threading.Thread(target=call, args=("/echo", "POST", body)) for _ in range(10)]
+    for thread in posts:
+        thread.start()
+    try:
+        wait_for(
+            lambda: page(server.address, timeout=3.0)["metrics"]["listen_queue"]["max"] >= 5,
+            10,
+            what="the queue seen by the status page",
+        )
+        if reexec:
+            os.kill(server.pid, signal.SIGUSR2)
+        # The status page answers promptly while everything waits, across the re-exec.
+        wait_for(lambda: page(server.address, timeout=3.0)["workers"], 10, what="the page")
+    finally:
+        for thread in [slow, *posts]:
+            thread.join(60)
+        for sock in tricklers:
+            sock.close()
+    echoed = [json.loads(b)["sha256"] for path, status, b in results if path == "/echo"]
+    assert sorted(status for _path, status, _b in results) == [200] * 11, results
+    assert echoed == [digest] * 10
 
 
 def test_the_listen_queue_is_measured_on_a_unix_socket(serve) -> None:

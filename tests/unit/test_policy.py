@@ -88,7 +88,12 @@ def test_failed_rollout_rolls_back_and_keeps_old() -> None:
     acts = pol.handle(P.GenerationFailed(2, 6.0, "RuntimeError: broken release"))
     assert P.KillGeneration(2) in acts
     assert rollout_reply(acts) == RolloutResponse(
-        ok=False, from_gen=1, to_gen=2, error="RuntimeError: broken release", rolled_back=True
+        ok=False,
+        from_gen=1,
+        to_gen=2,
+        error="RuntimeError: broken release",
+        rolled_back=True,
+        boot_seconds=1.0,
     )
     assert not [a for a in acts if isinstance(a, P.SignalGeneration)]
     assert pol.active == 1
@@ -128,7 +133,9 @@ def test_term_drains_everything_then_exits_zero() -> None:
     pol = make()
     started(pol)
     acts = pol.handle(P.SignalReceived(signal.SIGTERM, 9.0))
-    assert P.SignalGeneration(1, signal.SIGTERM) in acts
+    # The listener first refuses new connections, then the generation serves its queue dry.
+    assert kinds(acts) == ["StopAccepting", "StopGeneration"]
+    assert acts[-1] == P.StopGeneration(1)
     assert kinds(pol.handle(P.GenerationExited(1, 10.0, 0))) == ["Exit"]
     assert pol.exit_code == 0
 
@@ -138,7 +145,7 @@ def test_term_during_rollout_kills_the_booting_generation() -> None:
     started(pol)
     pol.handle(P.RolloutRequested(5.0, reply_to="c"))
     acts = pol.handle(P.SignalReceived(signal.SIGTERM, 5.5))
-    assert P.KillGeneration(2) in acts and P.SignalGeneration(1, signal.SIGTERM) in acts
+    assert P.KillGeneration(2) in acts and P.StopGeneration(1) in acts
     pol.handle(P.GenerationExited(2, 5.6, -9))
     assert kinds(pol.handle(P.GenerationExited(1, 6.0, 0))) == ["Exit"]
 
@@ -451,6 +458,7 @@ def test_last_rollout_in_the_status_has_its_wire_shape() -> None:
         "to": 3,
         "error": "boom",
         "rolled_back": True,
+        "boot_seconds": 0.5,
     }
 
 
@@ -498,9 +506,7 @@ def test_adoption_ignores_an_active_id_it_was_not_given() -> None:
 def test_adopted_master_stops_once_the_adopted_generations_exit() -> None:
     pol = make()
     adopted(pol, P.AdoptedGeneration(4, P.Phase.ACTIVE, [41], []), active=4)
-    assert P.SignalGeneration(4, signal.SIGTERM) in pol.handle(
-        P.SignalReceived(signal.SIGTERM, 101)
-    )
+    assert P.StopGeneration(4) in pol.handle(P.SignalReceived(signal.SIGTERM, 101))
     assert P.Exit(0) in pol.handle(P.GenerationExited(4, 102.0, 0))
 
 
@@ -529,3 +535,169 @@ def test_reexec_state_round_trips_and_reads_what_an_older_master_wrote() -> None
     parsed = ReexecState.from_json(old)
     assert parsed.nproc is None and parsed.unix_path is None and parsed.control == -1
     assert parsed.generations[0].workers == [WorkerInfo(81, "busy", 1, 2.0)]
+
+
+# ---------------------------------------------------------------- leaving, readiness (issue 12)
+
+
+def make_delayed(drain_delay: float) -> P.MasterPolicy:
+    return P.MasterPolicy(
+        P.Settings("api", 2, boot_timeout=10, graceful_timeout=30, drain_delay=drain_delay)
+    )
+
+
+def test_ready_only_once_a_generation_is_proven() -> None:
+    pol = make()
+    pol.handle(P.Started(0.0))
+    assert not pol.ready()
+    assert pol.not_ready_reason() == "generation 1 is booting"
+    assert status_of(pol, 0.5)["ready"] is False
+    pol.handle(P.GenerationReady(1, 1.0, [11, 12]))
+    assert pol.ready() and status_of(pol, 1.5)["ready"] is True
+    assert status_of(pol, 1.5)["not_ready_reason"] is None
+
+
+def test_ready_throughout_a_graceful_rollout() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(P.RolloutRequested(5.0, reply_to="c"))
+    assert pol.ready()  # generation 1 serves while 2 boots
+    pol.handle(P.GenerationReady(2, 6.0, [21, 22]))
+    assert pol.ready()  # 2 serves while 1 drains
+    pol.handle(P.GenerationExited(1, 7.0, 0))
+    assert pol.ready()
+
+
+def test_a_failed_rollout_keeps_ready() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(P.RolloutRequested(5.0, reply_to="c"))
+    pol.handle(P.GenerationFailed(2, 6.0, "boom"))
+    assert pol.ready()
+
+
+def test_not_ready_when_the_only_generation_died() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(P.GenerationExited(1, 5.0, -9))
+    assert pol.not_ready_reason() == "generation 2 is booting"
+
+
+def test_term_with_drain_delay_serves_on_not_ready_then_leaves() -> None:
+    pol = make_delayed(2.0)
+    started(pol)
+    acts = pol.handle(P.SignalReceived(signal.SIGTERM, 10.0))
+    # Nothing stops yet: the generation serves on while the load balancer learns.
+    assert kinds(acts) == []
+    assert not pol.ready()
+    assert pol.not_ready_reason() == "stopping: drain_delay runs, then it stops accepting"
+    snap = status_of(pol, 10.5)
+    assert snap["drain_delay_until"] == 12.0 and snap["stopping_at"] == 10.0
+    assert snap["state"] == "stopping" and snap["ready"] is False
+    assert kinds(pol.handle(P.Tick(11.9))) == []
+    assert pol.generations[1].phase is P.Phase.ACTIVE
+    acts = pol.handle(P.Tick(12.0))
+    assert kinds(acts) == ["StopAccepting", "StopGeneration"]
+    assert pol.generations[1].phase is P.Phase.DRAINING
+    assert pol.generations[1].deadline == 42.0  # graceful_timeout runs from now
+    assert status_of(pol, 12.1)["drain_delay_until"] is None
+    assert kinds(pol.handle(P.Tick(13.0))) == []  # once
+    assert kinds(pol.handle(P.GenerationExited(1, 14.0, 0))) == ["Exit"]
+
+
+def test_stop_request_during_drain_delay_is_answered_when_stopped() -> None:
+    pol = make_delayed(5.0)
+    started(pol)
+    pol.handle(P.StopRequested(10.0, reply_to="first"))
+    assert kinds(pol.handle(P.StopRequested(11.0, reply_to="second"))) == []
+    pol.handle(P.Tick(15.0))
+    acts = pol.handle(P.GenerationExited(1, 16.0, 0))
+    assert [r.reply_to for r in replies(acts)] == ["first", "second"]
+    assert kinds(acts)[-1] == "Exit"
+
+
+def test_fast_stop_cuts_a_drain_delay_short() -> None:
+    pol = make_delayed(5.0)
+    started(pol)
+    pol.handle(P.SignalReceived(signal.SIGTERM, 10.0))
+    acts = pol.handle(P.SignalReceived(signal.SIGQUIT, 11.0))
+    assert kinds(acts) == ["StopAccepting", "SignalGeneration"]
+    assert P.SignalGeneration(1, signal.SIGQUIT) in acts
+    assert kinds(pol.handle(P.Tick(15.0))) == []  # the delay is over for good
+
+
+def test_rollout_refused_during_drain_delay() -> None:
+    pol = make_delayed(5.0)
+    started(pol)
+    pol.handle(P.SignalReceived(signal.SIGTERM, 10.0))
+    [reply] = replies(pol.handle(P.RolloutRequested(11.0, reply_to="c")))
+    assert reply.payload == ErrorResponse("the server is stopping")
+
+
+def test_drain_delay_skipped_when_nothing_serves() -> None:
+    pol = make_delayed(5.0)
+    pol.handle(P.Started(0.0))
+    acts = pol.handle(P.SignalReceived(signal.SIGTERM, 0.5))
+    # The booting generation is killed; there is nothing to serve on with.
+    assert P.KillGeneration(1) in acts and "StopAccepting" in kinds(acts)
+    assert kinds(pol.handle(P.GenerationExited(1, 0.6, -9))) == ["Exit"]
+
+
+def test_term_during_rollout_with_drain_delay_old_generation_serves_on() -> None:
+    pol = make_delayed(3.0)
+    started(pol)
+    pol.handle(P.RolloutRequested(5.0, reply_to="c"))
+    acts = pol.handle(P.SignalReceived(signal.SIGTERM, 5.5))
+    assert P.KillGeneration(2) in acts
+    assert rollout_reply(acts).ok is False
+    assert pol.generations[1].phase is P.Phase.ACTIVE
+    assert kinds(pol.handle(P.Tick(8.5))) == ["StopAccepting", "StopGeneration"]
+
+
+def test_rollout_outcome_carries_release_dir_and_health() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(P.RolloutRequested(5.0, reply_to="c"))
+    pol.handle(P.GenerationSpawned(2, 5.0, "/srv/app/releases/8"))
+    health = {"path": "/healthz", "status": 200}
+    pol.handle(P.GenerationReady(2, 6.25, [21, 22], health=health))
+    acts = pol.handle(P.GenerationExited(1, 7.0, 0))
+    outcome = rollout_reply(acts)
+    assert outcome.ok and outcome.release_dir == "/srv/app/releases/8"
+    assert outcome.health == health and outcome.boot_seconds == 1.25
+
+
+def test_failed_rollout_outcome_carries_the_failed_health_check() -> None:
+    pol = make()
+    started(pol)
+    pol.handle(P.RolloutRequested(5.0, reply_to="c"))
+    pol.handle(P.GenerationSpawned(2, 5.0, "/srv/app/releases/9"))
+    health = {"path": "/healthz", "status": 500}
+    acts = pol.handle(P.GenerationFailed(2, 5.5, "health check answered 500", health))
+    outcome = rollout_reply(acts)
+    assert not outcome.ok and outcome.rolled_back
+    assert outcome.release_dir == "/srv/app/releases/9" and outcome.health == health
+    assert outcome.boot_seconds == 0.5
+
+
+def test_a_reexec_keeps_the_uptime_and_the_generations_age() -> None:
+    """Found by a trial: after USR2 the status page said the master and its generation had
+    just started. Both come from the wall clock the previous image knew."""
+    pol = make()
+    started_wall = 1_700_000_000.0
+    pol.handle(
+        P.Adopted(
+            100.0,
+            [P.AdoptedGeneration(2, P.Phase.ACTIVE, [41], [], started_at=started_wall + 60.0)],
+            active=2,
+            next_id=3,
+            nproc=2,
+            wall=started_wall + 600.0,
+            metrics={"started_wall": started_wall},
+        )
+    )
+    snap = pol.snapshot(110.0)
+    assert snap["uptime"] == 610.0
+    assert snap["started_at"] == started_wall
+    [gen] = snap["generations"]
+    assert gen["age"] == 550.0 and gen["started_at"] == started_wall + 60.0

@@ -6,10 +6,13 @@ Connections reach it two ways:
   hand-over socket (fcgi_engine.status_pass); the master replays what the worker consumed into a
   fresh protocol Connection and goes on from there.
 - taken: while the listen queue stays non-empty and every worker is busy (the loop decides), the
-  master accepts connections itself (Python servers only). It reads each one without blocking
-  under params_timeout; a status request it answers, any other connection it hands, with every
-  byte it read, to the live workers through the hand-off socket (as a draining worker hands its
-  keep-alive connections on), so the request is served as soon as a worker is free.
+  master accepts connections itself (Python servers only) and looks at each one's first bytes
+  without consuming them (MSG_PEEK). A status request it reads and answers; any other
+  connection goes to the live workers through the hand-off socket untouched, as if it had come
+  from the backlog, so the request is served as soon as a worker is free. The master never reads
+  an app request, so it never holds one to a deadline: a slow peer is the workers' business, as
+  always, and a connection waiting for room in the hand-off socket waits as it would have in
+  the backlog (and is carried over a USR2 re-exec).
 
 The answer is read whole first (a body over MAX_BODY closes the connection), then written
 without blocking under send_timeout. With FCGI_KEEP_CONN the connection then goes to the
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import selectors
 import socket
 import time
@@ -50,12 +54,15 @@ log = logging.getLogger("fcgi_engine.master")
 
 # A status request's body is read and dropped; past this much the connection is closed.
 MAX_BODY = 64 * 1024
-# The most connections the master holds at once (read, answered, or waiting for the hand-off).
+# The most status requests passed by workers that the master holds at once.
 MAX_CONNS = 64
-# What a taken connection may carry to a worker: the hand-off message must fit one datagram. A
-# connection whose head is longer is handed on with what was read so far (a prefix of its
-# stream is all the worker needs).
-MAX_RAW = 128 * 1024
+# The most connections the master takes from the listener at once (looked at, or waiting for
+# room in the hand-off socket).
+MAX_TAKEN = 64
+# How much of a taken connection the master looks at, and for how long, before it hands the
+# connection on untouched: a web server sends a status request's records in one go.
+PEEK_MAX = 64 * 1024
+PEEK_WAIT = 0.25
 _READ_SIZE = 65536
 # Passed requests taken per wake-up, as with accepts.
 _PER_WAKEUP = 16
@@ -67,15 +74,16 @@ class StatusConn:
     proto: Connection
     deadline: float
     taken: bool  # accepted by the master from the listener (else passed by a worker)
-    raw: bytearray = field(default_factory=bytearray)  # every byte read, while taken
     request_id: int | None = None
     keep_conn: bool = False
     params: dict[str, str] = field(default_factory=dict)
     body: int = 0
     out: bytes = b""
-    # "read": reading a request; "write": sending the answer; "handoff": waiting for room in
-    # the hand-off socket (nothing is read meanwhile: the worker reads what follows).
+    # "peek": a taken connection whose first bytes are looked at, not read; "read": reading a
+    # status request; "write": sending the answer; "handoff": waiting for room in the hand-off
+    # socket (nothing is read meanwhile: the worker reads what follows).
     phase: str = "read"
+    untouched: bool = False  # nothing of it was read: it may wait in the master for ever
     watched: int = 0  # the selector events registered
 
 
@@ -126,7 +134,7 @@ class StatusServer:
         if passed.sock is None:
             log.warning("%s: a status request was lost: no file descriptor left", self.name)
             return
-        if len(self.conns) >= MAX_CONNS:
+        if sum(1 for c in self.conns.values() if not c.taken) >= MAX_CONNS:
             log.warning("%s: %d status connections open; closing one more", self.name, MAX_CONNS)
             passed.sock.close()
             return
@@ -140,9 +148,12 @@ class StatusServer:
     def room(self) -> bool:
         """Whether the master may take another connection from the listener: below its cap,
         and no connection waits for room in the hand-off socket."""
-        return len(self.conns) < MAX_CONNS and not any(
-            c.phase == "handoff" for c in self.conns.values()
-        )
+        taken = [c for c in self.conns.values() if c.taken]
+        return len(taken) < MAX_TAKEN and not any(c.phase == "handoff" for c in taken)
+
+    def held(self) -> int:
+        """Connections taken from the listener that wait in the master for a worker."""
+        return sum(1 for c in self.conns.values() if c.untouched)
 
     def accept_from(self, listener: socket.socket, limit: int) -> int:
         """Accept up to `limit` connections from the non-blocking `listener`; how many."""
@@ -175,17 +186,92 @@ class StatusServer:
             conn = StatusConn(
                 sock,
                 Connection(self.limits),
-                time.monotonic() + self.params_timeout,
+                time.monotonic() + PEEK_WAIT,
                 taken=True,
+                phase="peek",
+                untouched=True,
             )
             self.conns[sock.fileno()] = conn
-            # Most connections arrive with their request: read it now.
-            self.readable(conn)
+            # Most connections arrive with their request: look at it now.
+            self._peek(conn)
         return taken
+
+    def adopt_untouched(self, sock: socket.socket) -> None:
+        """A taken connection carried over a re-exec: to the workers as soon as there is room."""
+        sock.setblocking(False)
+        conn = StatusConn(
+            sock, Connection(self.limits), math.inf, taken=True, phase="handoff", untouched=True
+        )
+        self.conns[sock.fileno()] = conn
+        self._hand_on(conn)
+
+    def release_untouched(self) -> list[socket.socket]:
+        """The taken connections nothing was read from, no longer the master's to watch (for a
+        re-exec to carry over; the new image adopts them)."""
+        out = []
+        for conn in list(self.conns.values()):
+            if conn.untouched:
+                self._watch(conn, 0)
+                del self.conns[conn.sock.fileno()]
+                out.append(conn.sock)
+        return out
+
+    # ------------------------------------------------------------ looking
+
+    def _peek(self, conn: StatusConn) -> None:
+        """Look at a taken connection's first bytes without consuming them: a status request is
+        then read and answered; any other connection goes to the workers as it came."""
+        try:
+            data: bytes | None = conn.sock.recv(PEEK_MAX, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            data = None
+        except OSError:
+            data = b""
+        if data == b"":
+            # Closed (or reset) before it sent anything: the workers would only close it too.
+            self._close(conn)
+            return
+        verdict = self._is_status(data) if data is not None else None
+        if verdict:
+            conn.phase = "read"
+            conn.untouched = False
+            conn.deadline = time.monotonic() + self.params_timeout
+            self.readable(conn)
+        elif verdict is False or time.monotonic() >= conn.deadline or len(data or b"") >= PEEK_MAX:
+            conn.phase = "handoff"
+            conn.deadline = math.inf
+            self._hand_on(conn)
+        elif data is None:
+            # Nothing yet: the first bytes make it readable.
+            self._watch(conn, selectors.EVENT_READ)
+        else:
+            # Part of a request: unread bytes keep a socket readable, so watching it would spin;
+            # `tick` looks again.
+            self._watch(conn, 0)
+
+    def _is_status(self, data: bytes) -> bool | None:
+        """Whether the bytes a connection starts with are a request for status_path (None: not
+        complete enough to tell)."""
+        proto = Connection(self.limits)
+        proto.receive_data(data)
+        try:
+            event = proto.next_event()
+        except ProtocolError:
+            return False  # not ours to judge: the worker answers and logs it as always
+        if proto.data_to_send():
+            return False  # a management record (GET_VALUES): the workers answer
+        if event is NEED_DATA:
+            return None
+        if isinstance(event, RequestReady):
+            return self.status_path is not None and request_path(event.params) == self.status_path
+        return False
 
     # ------------------------------------------------------------ reading
 
     def readable(self, conn: StatusConn) -> None:
+        if conn.phase == "peek":
+            self._peek(conn)
+            return
         if conn.phase != "read":
             return
         try:
@@ -195,8 +281,6 @@ class StatusServer:
             return
         except OSError:
             data = b""
-        if conn.taken and conn.request_id is None:
-            conn.raw += data
         conn.proto.receive_data(data)
         self._advance(conn)
 
@@ -206,38 +290,18 @@ class StatusServer:
             try:
                 event = conn.proto.next_event()
             except ProtocolError as exc:
-                if conn.taken and conn.request_id is None:
-                    # Not ours to judge: the worker answers and logs it as it always does.
-                    self._hand_raw(conn)
-                else:
-                    log.warning("%s: status connection closed: %s", self.name, exc)
-                    self._close(conn)
-                return
-            if conn.taken and conn.request_id is None and conn.proto.data_to_send():
-                # A management record (GET_VALUES) before any request: the workers answer.
-                self._hand_raw(conn)
+                log.warning("%s: status connection closed: %s", self.name, exc)
+                self._close(conn)
                 return
             if event is NEED_DATA:
-                if conn.taken and conn.request_id is None and len(conn.raw) > MAX_RAW:
-                    self._hand_raw(conn)
-                    return
                 self._watch(conn, selectors.EVENT_READ)
                 return
             if isinstance(event, RequestReady):
-                if conn.taken and (
-                    self.status_path is None or request_path(event.params) != self.status_path
-                ):
-                    self._hand_raw(conn)
-                    return
                 conn.request_id = event.request_id
                 conn.keep_conn = event.keep_conn
                 conn.params = event.params
-                conn.raw = bytearray()
             elif isinstance(event, RequestRefused):
-                if conn.taken:
-                    self._hand_raw(conn)
-                else:
-                    self._close(conn)
+                self._close(conn)
                 return
             elif isinstance(event, StdinData):
                 conn.body += len(event.data)
@@ -293,21 +357,14 @@ class StatusServer:
             self._watch(conn, selectors.EVENT_WRITE)
             return
         if conn.keep_conn and not conn.proto.must_close:
+            # Idle now: it waits for a worker like any kept-alive connection.
             conn.phase = "handoff"
+            conn.deadline = math.inf
             self._hand_on(conn)
         else:
             self._close(conn)
 
     # ------------------------------------------------------------ handing on
-
-    def _hand_raw(self, conn: StatusConn) -> None:
-        """A taken connection that is not a status request: to the workers, as it arrived."""
-        conn.phase = "handoff"
-        conn.proto = Connection(self.limits)
-        conn.proto.receive_data(bytes(conn.raw))
-        conn.raw = bytearray()
-        conn.deadline = time.monotonic() + self.params_timeout
-        self._hand_on(conn)
 
     def _hand_on(self, conn: StatusConn) -> None:
         self._watch(conn, 0)
@@ -327,9 +384,13 @@ class StatusServer:
     # ------------------------------------------------------------ upkeep
 
     def tick(self, now: float) -> None:
-        """Retry hand-offs waiting for room; close connections past their deadline."""
+        """Look again at taken connections, retry hand-offs waiting for room, and close the
+        connections past their deadline (never one nothing was read from: it waits for a
+        worker as it would have in the backlog)."""
         for conn in list(self.conns.values()):
-            if conn.phase == "handoff":
+            if conn.phase == "peek":
+                self._peek(conn)
+            elif conn.phase == "handoff":
                 self._hand_on(conn)
             if conn.sock.fileno() in self.conns and now >= conn.deadline:
                 log.warning(
