@@ -186,11 +186,35 @@ def workers_from_wire(value: object) -> list[WorkerInfo]:
 
 
 @dataclass(frozen=True)
+class HealthResult:
+    """The generation's own health check: the path asked and the status it answered (None:
+    no answer, e.g. the worker died or timed out)."""
+
+    path: str
+    status: int | None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"path": self.path, "status": self.status}
+
+    @classmethod
+    def from_wire(cls, value: object) -> HealthResult | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict) or not isinstance(value.get("path"), str):
+            raise MessageError(f"'health' must be an object with a 'path', not {value!r:.80}")
+        status = value.get("status")
+        if status is not None and (not isinstance(status, int) or isinstance(status, bool)):
+            raise MessageError(f"health: 'status' must be an int or null, not {status!r:.80}")
+        return cls(value["path"], status)
+
+
+@dataclass(frozen=True)
 class Ready:
     """Every worker answers (and the health check passed): the generation may serve."""
 
     pids: list[int]
     workers: list[WorkerInfo]
+    health: HealthResult | None = None  # None: no health path is configured
 
 
 @dataclass(frozen=True)
@@ -198,6 +222,7 @@ class Failed:
     """The generation cannot serve; `error` is shown to whoever asked for the rollout."""
 
     error: str
+    health: HealthResult | None = None  # the check that failed it, when one did
 
 
 @dataclass(frozen=True)
@@ -217,17 +242,33 @@ class Resize:
     nproc: int
 
 
-Message = Ready | Failed | Status | Resize
+@dataclass(frozen=True)
+class Stop:
+    """The server stops (sent just before the SIGTERM that drains the generation).
+    `serve_backlog`: the master made the listener refuse new connections, so the workers accept
+    what is queued until the queue stays empty, then close their copies of the listener;
+    otherwise (a socket someone else holds, as systemd does) they stop accepting at once and
+    leave the queue to whoever serves next. A generation that does not know this message drains
+    on the SIGTERM alone, as before."""
+
+    serve_backlog: bool
+
+
+Message = Ready | Failed | Status | Resize | Stop
 
 
 def encode(message: Message) -> bytes:
     """One message as one JSON line."""
     obj: dict[str, Any]
     match message:
-        case Ready(pids=pids, workers=workers):
+        case Ready(pids=pids, workers=workers, health=health):
             obj = {"event": "ready", "pids": pids, "workers": [w.to_wire() for w in workers]}
-        case Failed(error=error):
+            if health is not None:
+                obj["health"] = health.to_wire()
+        case Failed(error=error, health=health):
             obj = {"event": "failed", "error": error}
+            if health is not None:
+                obj["health"] = health.to_wire()
         case Status(workers=workers, counts=counts, restarts=restarts):
             obj = {"event": "status", "workers": [w.to_wire() for w in workers]}
             if counts is not None:
@@ -236,6 +277,8 @@ def encode(message: Message) -> bytes:
                 obj["restarts"] = restarts
         case Resize(nproc=nproc):
             obj = {"cmd": "nproc", "n": nproc}
+        case Stop(serve_backlog=serve_backlog):
+            obj = {"cmd": "stop", "serve_backlog": serve_backlog}
         case _:
             unhandled(message)
     return encode_object(obj)
@@ -249,9 +292,16 @@ def decode(line: bytes) -> Message:
         pids = value_of(obj, "pids", list, "ready", default=[])
         if not all(isinstance(p, int) and not isinstance(p, bool) for p in pids):
             raise MessageError(f"ready: 'pids' must be a list of ints, not {pids!r}")
-        return Ready(pids, workers_from_wire(obj.get("workers", [])))
+        return Ready(
+            pids,
+            workers_from_wire(obj.get("workers", [])),
+            HealthResult.from_wire(obj.get("health")),
+        )
     if event == "failed":
-        return Failed(value_of(obj, "error", str, "failed", default=""))
+        return Failed(
+            value_of(obj, "error", str, "failed", default=""),
+            HealthResult.from_wire(obj.get("health")),
+        )
     if event == "status":
         counts = None
         if obj.get("counts") is not None:
@@ -267,6 +317,8 @@ def decode(line: bytes) -> Message:
     cmd = obj.get("cmd")
     if cmd == "nproc":
         return Resize(value_of(obj, "n", int, "nproc"))
+    if cmd == "stop":
+        return Stop(value_of(obj, "serve_backlog", bool, "stop", default=False))
     if cmd is not None:
         raise MessageError(f"unknown command {cmd!r}")
     raise MessageError(f"a channel message names its 'event' or 'cmd': {obj!r:.80}")

@@ -180,6 +180,26 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--fast", action="store_true", help="do not wait for requests")
         if verb == "status":
             _pidfile_option(p)
+            p.add_argument(
+                "--ready",
+                action="store_true",
+                help="for probes: exit 0 when ready (a proven generation serves, no stop or "
+                "drain running), 1 when running but not ready, 3 when not running",
+            )
+        if verb == "start":
+            p.add_argument(
+                "--wait-ready",
+                action="store_true",
+                help="return once each server reports ready (as `status --ready`), or exit 1 "
+                "with the reason",
+            )
+            p.add_argument(
+                "--wait-timeout",
+                type=float,
+                default=None,
+                metavar="SECONDS",
+                help="with --wait-ready: give up after this long (default: 2 x boot_timeout + 5 s)",
+            )
     _top_parser(sub)
     _config_parser(sub)
     _systemd_parsers(sub)
@@ -523,8 +543,18 @@ def cmd_manage(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"  ... {text}", file=sys.stderr, flush=True)
 
+    if verb in ("start", "restart"):
+        _warn_loopback_only(servers)
     if verb == "start":
-        outcomes = manager.start(path, servers, progress)
+        if args.wait_timeout is not None and not args.wait_ready:
+            print("fcgi-engine start: --wait-timeout goes with --wait-ready", file=sys.stderr)
+            return Code.USAGE
+        if args.wait_timeout is not None and args.wait_timeout <= 0:
+            print("fcgi-engine start: --wait-timeout must be more than 0", file=sys.stderr)
+            return Code.USAGE
+        outcomes = manager.start(
+            path, servers, progress, wait_ready=args.wait_ready, wait_timeout=args.wait_timeout
+        )
     elif verb == "stop":
         outcomes = manager.stop(servers, fast=args.fast)
     elif verb == "restart":
@@ -532,7 +562,7 @@ def cmd_manage(args: argparse.Namespace) -> int:
     elif verb == "graceful":
         outcomes = manager.graceful(path, servers, progress)
     elif verb == "status":
-        outcomes = manager.status(servers)
+        outcomes = manager.status_ready(servers) if args.ready else manager.status(servers)
     else:
         outcomes = [manager.check(s) for s in servers]
     by_name = {o.name: o for o in outcomes} | refused
@@ -547,7 +577,19 @@ def cmd_status_pidfile(args: argparse.Namespace) -> int:
         print("fcgi-engine status: give NAME... or --pidfile, not both", file=sys.stderr)
         return Code.USAGE
     server = manager.server_for_pidfile(args.pidfile)
-    return _report([manager.status_of(server, manager.probe(server))], args.json)
+    judge = manager.ready_of if args.ready else manager.status_of
+    return _report([judge(server, manager.probe(server))], args.json)
+
+
+def _warn_loopback_only(servers: Sequence[ServerConfig]) -> None:
+    """Say once, on the terminal that starts them, which servers listen on a network but will
+    take loopback peers only (no allow-list): the master logs it too, to its log file."""
+    from fcgi_engine.config.settings import loopback_only_warning
+
+    for server in servers:
+        text = loopback_only_warning(server)
+        if text:
+            print(f"fcgi-engine: warning: {text}", file=sys.stderr, flush=True)
 
 
 def cmd_top(args: argparse.Namespace) -> int:

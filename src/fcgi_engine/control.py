@@ -12,6 +12,10 @@ manager to a new one):
                                  "seconds": 3.4, "pid": N}
                                 {"ok": false, "from": 1, "to": 2, "error": "...",
                                  "rolled_back": true, "pid": N}
+                                either may add "release_dir" (the real path the generation
+                                booted from), "health" ({"path": "/healthz", "status": 200})
+                                and (failed) "boot_seconds"; a key whose value is unknown is
+                                left out
                StoppedResponse  {"ok": true, "stopped": true, "pid": N}
                ErrorResponse    {"ok": false, "error": "...", "pid": N}
 
@@ -196,6 +200,11 @@ class RolloutResponse:
     error: str = ""
     rolled_back: bool = False
     pid: int | None = None
+    # The real path of the server's chdir that the new generation booted from (None: no chdir).
+    release_dir: str | None = None
+    # The new generation's own health check: {"path": str, "status": int | None}; None without
+    # a configured health path.
+    health: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -226,6 +235,11 @@ def response_wire(response: Response) -> dict[str, Any]:
                         obj[key] = getattr(response, key)
             else:
                 obj.update(error=response.error, rolled_back=response.rolled_back)
+                if response.boot_seconds is not None:
+                    obj["boot_seconds"] = response.boot_seconds
+            for key in ("release_dir", "health"):
+                if getattr(response, key) is not None:
+                    obj[key] = getattr(response, key)
         case StoppedResponse():
             obj = {"ok": True, "stopped": True}
         case ErrorResponse():
@@ -257,6 +271,12 @@ def decode_response(line: bytes) -> Response:
             error=value_of(obj, "error", str, what, default=""),
             rolled_back=value_of(obj, "rolled_back", bool, what, default=False),
             pid=pid,
+            release_dir=(
+                value_of(obj, "release_dir", str, what)
+                if obj.get("release_dir") is not None
+                else None
+            ),
+            health=value_of(obj, "health", dict, what) if obj.get("health") is not None else None,
         )
     if not ok:
         return ErrorResponse(value_of(obj, "error", str, what, default="unknown error"), pid)

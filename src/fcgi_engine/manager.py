@@ -322,6 +322,7 @@ class _Launch:
     proc: subprocess.Popen[str] | None
     outcome: Outcome | None = None
     note: str = ""
+    unready: bool = False  # start --wait-ready: started, waiting until it reports ready
 
 
 def master_command(config_path: str, server: ServerConfig) -> list[str]:
@@ -341,35 +342,91 @@ def master_command(config_path: str, server: ServerConfig) -> list[str]:
 
 
 def start(
-    config_path: str, servers: Sequence[ServerConfig], progress: Callable[[str], None] | None = None
+    config_path: str,
+    servers: Sequence[ServerConfig],
+    progress: Callable[[str], None] | None = None,
+    *,
+    wait_ready: bool = False,
+    wait_timeout: float | None = None,
 ) -> list[Outcome]:
-    """Start every server that is not running, in parallel; wait until each is ready or failed."""
+    """Start every server that is not running, in parallel; wait until each is ready or failed.
+
+    With `wait_ready`, a server counts as started only once its master reports it ready (an
+    active generation proven, no stop or drain running), which also waits out a running server
+    that is still booting or draining. `wait_timeout` (seconds from the launch) replaces each
+    server's own start_timeout.
+    """
     # Checks (a throw-away import each) and boots run side by side: as slow as the slowest.
     launches = _in_parallel(lambda server: _begin_start(config_path, server), servers)
+    for launch in launches:
+        # One already running must be ready too (it may be booting, or draining to stop).
+        launch.unready = (
+            wait_ready and launch.proc is None and bool(launch.outcome and launch.outcome.ok)
+        )
     started_at = time.monotonic()
     last_progress = started_at
-    while any(launch.outcome is None for launch in launches):
-        for launch in launches:
-            if launch.outcome is not None or launch.proc is None:
-                continue
-            if launch.proc.poll() is not None:
-                launch.outcome = _finish_start(launch)
-            elif time.monotonic() - started_at > start_timeout(launch.server):
-                launch.proc.kill()
-                launch.outcome = Outcome(
-                    launch.server.name,
-                    Code.FAILURE,
-                    f"failed to start: no answer from the master within "
-                    f"{start_timeout(launch.server):g} s",
-                )
+
+    def limit(server: ServerConfig) -> float:
+        return wait_timeout if wait_timeout is not None else start_timeout(server)
+
+    def waiting() -> list[_Launch]:
+        return [launch for launch in launches if launch.outcome is None or launch.unready]
+
+    while waiting():
+        for launch in waiting():
+            late = time.monotonic() - started_at > limit(launch.server)
+            if launch.outcome is None and launch.proc is not None:
+                if launch.proc.poll() is not None:
+                    launch.outcome = _finish_start(launch)
+                    launch.unready = wait_ready and launch.outcome.ok
+                elif late:
+                    launch.proc.kill()
+                    launch.outcome = Outcome(
+                        launch.server.name,
+                        Code.FAILURE,
+                        f"failed to start: no answer from the master within "
+                        f"{limit(launch.server):g} s",
+                    )
+            elif launch.unready and launch.outcome is not None:
+                launch.outcome, launch.unready = _await_ready(launch.server, launch.outcome, late)
         now = time.monotonic()
         if progress and now - last_progress >= 1.0:
-            waiting = [launch.server.name for launch in launches if launch.outcome is None]
-            if waiting:
-                progress(f"waiting for {', '.join(waiting)} ({now - started_at:.0f} s)")
+            names = [launch.server.name for launch in waiting()]
+            if names:
+                progress(f"waiting for {', '.join(names)} ({now - started_at:.0f} s)")
             last_progress = now
         time.sleep(0.02)
     return [launch.outcome for launch in launches if launch.outcome is not None]
+
+
+def _await_ready(server: ServerConfig, started: Outcome, late: bool) -> tuple[Outcome, bool]:
+    """One look at a started server for `start --wait-ready`: (its outcome, still waiting). Past
+    the deadline (`late`), a server that is not ready fails with the reason."""
+    state = probe(server)
+    if state.state is State.RUNNING:
+        ready = readiness(state.status)
+        data = {
+            **started.data,
+            **state.status,
+            "ready": ready.ready,
+            "ready_reason": ready.reason or None,
+        }
+        if ready.ready:
+            return Outcome(server.name, Code.OK, f"{started.message}, ready", data=data), False
+        if not late:
+            return started, True
+        return Outcome(
+            server.name,
+            Code.FAILURE,
+            f"{started.message}, but not ready: {ready.reason}",
+            data=data,
+        ), False
+    if not late and state.state is State.UNKNOWN:
+        return started, True  # e.g. busy re-executing itself: ask again
+    why = "it stopped" if state.state in (State.STOPPED, State.STALE) else state.error
+    return Outcome(
+        server.name, Code.FAILURE, f"{started.message}, but never ready: {why}", data=started.data
+    ), False
 
 
 def _begin_start(config_path: str, server: ServerConfig) -> _Launch:
@@ -546,13 +603,53 @@ def restart(
 def graceful(
     config_path: str, servers: Sequence[ServerConfig], progress: Callable[[str], None] | None = None
 ) -> list[Outcome]:
+    """Roll each running server out (each independently, all at once); start the stopped ones.
+    Every Outcome's data carries the rollout fields (`rollout_fields`): the `graceful --json`
+    contract."""
     results = _in_parallel(_graceful_one, servers)
     to_start = [s for s, r in zip(servers, results, strict=True) if r is None]
     outcomes = {r.name: r for r in results if r is not None}
     for outcome in start(config_path, to_start, progress):
         outcome.message = "was not running; " + outcome.message
+        generation = outcome.data.get("generation") if outcome.ok else None
+        outcome.data = {
+            **outcome.data,
+            **rollout_fields(
+                outcome.name,
+                ok=outcome.ok,
+                new_generation=generation if isinstance(generation, int) else None,
+                error=None if outcome.ok else (outcome.detail or outcome.message),
+            ),
+        }
         outcomes[outcome.name] = outcome
     return [outcomes[s.name] for s in servers]
+
+
+def rollout_fields(
+    server: str,
+    *,
+    ok: bool,
+    old_generation: int | None = None,
+    new_generation: int | None = None,
+    release_dir: str | None = None,
+    boot_seconds: float | None = None,
+    health: dict[str, Any] | None = None,
+    rolled_back: bool = False,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """The fields `graceful --json` promises for each server (README, "Several hosts"): every
+    key always present, null where unknown."""
+    return {
+        "server": server,
+        "ok": ok,
+        "old_generation": old_generation,
+        "new_generation": new_generation,
+        "release_dir": release_dir,
+        "boot_seconds": boot_seconds,
+        "health": health,
+        "rolled_back": rolled_back,
+        "error": error,
+    }
 
 
 def _graceful_one(server: ServerConfig) -> Outcome | None:
@@ -560,17 +657,43 @@ def _graceful_one(server: ServerConfig) -> Outcome | None:
     state = probe(server)
     if state.state in (State.STOPPED, State.STALE):
         return None
+    old = state.status.get("generation")
+    old_generation = old if isinstance(old, int) and not isinstance(old, bool) else None
     if state.state is State.UNKNOWN:
-        return Outcome(server.name, Code.FAILURE, state.error)
+        return Outcome(
+            server.name,
+            Code.FAILURE,
+            state.error,
+            data=rollout_fields(server.name, ok=False, error=state.error),
+        )
     checked = check(server)
     if not checked.ok:
+        # Nothing was started: the old generation serves on, untouched.
         return Outcome(
             server.name,
             checked.code,
             f"graceful refused, nothing changed: {checked.message}",
             detail=checked.detail,
+            data=rollout_fields(
+                server.name,
+                ok=False,
+                old_generation=old_generation,
+                health=_health_field(server, None),
+                error=checked.detail or checked.message,
+            ),
         )
-    return _rollout(server)
+    return _rollout(server, old_generation)
+
+
+def _health_field(server: ServerConfig, said: Any) -> dict[str, Any] | None:
+    """The rollout's health result: what the master said ({"path", "status"}), else the
+    configured path with an unknown status; null when there is no health check."""
+    if isinstance(said, dict) and isinstance(said.get("path"), str):
+        status = said.get("status")
+        return {"path": said["path"], "status": status if isinstance(status, int) else None}
+    if said is None and not server.health:
+        return None
+    return {"path": server.health, "status": None} if server.health else None
 
 
 T = TypeVar("T")
@@ -587,16 +710,52 @@ def _in_parallel(
         return list(pool.map(work, servers))
 
 
-def _rollout(server: ServerConfig) -> Outcome:
+def _rollout(server: ServerConfig, old_generation: int | None) -> Outcome:
     started = time.monotonic()
     try:
         reply = control.ask(
             server.control_path or "", control.RolloutRequest(), timeout=rollout_timeout(server)
         )
     except control.ControlError as exc:
-        return Outcome(server.name, Code.FAILURE, f"graceful failed: {exc}")
+        return Outcome(
+            server.name,
+            Code.FAILURE,
+            f"graceful failed: {exc}",
+            data=rollout_fields(
+                server.name,
+                ok=False,
+                old_generation=old_generation,
+                health=_health_field(server, None),
+                error=str(exc),
+            ),
+        )
     took = time.monotonic() - started
+    # The wire's own keys ("from", "to", "workers", "seconds"...) stay as they always were;
+    # the contract's fields are added beside them.
     data = control.response_wire(reply)
+    if isinstance(reply, control.RolloutResponse):
+        # Fields a master older than the contract does not send are null.
+        release_dir = getattr(reply, "release_dir", None)
+        fields = rollout_fields(
+            server.name,
+            ok=reply.ok,
+            old_generation=reply.from_gen if reply.from_gen is not None else old_generation,
+            new_generation=reply.to_gen,
+            release_dir=release_dir if isinstance(release_dir, str) else None,
+            boot_seconds=reply.boot_seconds,
+            health=_health_field(server, getattr(reply, "health", None)),
+            rolled_back=reply.rolled_back,
+            error=None if reply.ok else (reply.error or "unknown error"),
+        )
+    else:
+        fields = rollout_fields(
+            server.name,
+            ok=False,
+            old_generation=old_generation,
+            health=_health_field(server, None),
+            error=_error(reply) or "unknown error",
+        )
+    data.update(fields)
     if isinstance(reply, control.RolloutResponse) and reply.ok:
         return Outcome(
             server.name,
@@ -661,10 +820,82 @@ def status_of(server: ServerConfig, state: Probe) -> Outcome:
         Code.OK,
         f"running, pid {state.pid}, generation {st.get('generation')}, workers "
         f"{len(workers)}/{st.get('nproc')} ({busy} busy), "
-        f"up {duration_text(st.get('uptime', 0))}, {st.get('requests', 0)} requests"
+        f"up {duration_text(st.get('uptime', 0))}, {requests_total(st)} requests"
         + "".join(", " + part for part in load_summary(st)),
         data={**st, "state": "running", "pid": state.pid},  # the pid the pidfile proved
     )
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether a running server takes requests as an orchestrator means it, and why not."""
+
+    ready: bool
+    reason: str = ""  # "" when ready
+
+
+def readiness(status: dict[str, Any]) -> Readiness:
+    """Readiness from a master's status snapshot: its "ready" (true only while an active
+    generation has passed its proof and no stop or drain runs). A master older than "ready" is
+    judged by its state: running with an active generation."""
+    stopping = status.get("state") == "stopping"
+    ready = status.get("ready")
+    if not isinstance(ready, bool):
+        ready = not stopping and status.get("state") == "running" and bool(status.get("generation"))
+    if ready:
+        return Readiness(True)
+    for key in ("ready_reason", "not_ready_reason", "reason"):
+        said = status.get(key)
+        if isinstance(said, str) and said:
+            return Readiness(False, said)
+    if stopping:
+        until = status.get("drain_delay_until") or status.get("stopping_at")
+        return Readiness(
+            False, f"stopping (draining until {_clock(until)})" if until else "stopping"
+        )
+    if not status.get("generation"):
+        booting = status.get("booting")
+        return Readiness(
+            False, f"starting, generation {booting} booting" if booting else "no generation serves"
+        )
+    return Readiness(False, "the master says not ready")
+
+
+def _clock(wall: Any) -> str:
+    """A wall-clock time (seconds since the epoch) as the local time of day; other values as
+    they are."""
+    if isinstance(wall, (int, float)) and not isinstance(wall, bool):
+        return time.strftime("%H:%M:%S", time.localtime(wall))
+    return str(wall)
+
+
+def status_ready(servers: Sequence[ServerConfig]) -> list[Outcome]:
+    """`status --ready`: one Outcome per server, code 0 ready, 1 running but not ready,
+    3 not running, 4 cannot tell."""
+    return [ready_of(server, probe(server)) for server in servers]
+
+
+def ready_of(server: ServerConfig, state: Probe) -> Outcome:
+    """The `status --ready` Outcome of one probed server (its status Outcome, judged by
+    readiness)."""
+    outcome = status_of(server, state)
+    if state.state in (State.STOPPED, State.STALE):
+        # For an exec probe a dead master and no master are the same: not running.
+        return Outcome(
+            outcome.name,
+            Code.NOT_RUNNING_STATUS,
+            f"not ready: {outcome.message}",
+            data={**outcome.data, "ready": False, "ready_reason": "not running"},
+        )
+    if state.state is not State.RUNNING:
+        return Outcome(outcome.name, outcome.code, outcome.message, data=outcome.data)
+    ready = readiness(state.status)
+    data = {**outcome.data, "ready": ready.ready, "ready_reason": ready.reason or None}
+    if ready.ready:
+        return Outcome(
+            outcome.name, Code.OK, f"ready, generation {state.status.get('generation')}", data=data
+        )
+    return Outcome(outcome.name, Code.FAILURE, f"not ready: {ready.reason}", data=data)
 
 
 # A snapshot's "metrics" come from a master of this version; an older master sends none, or
@@ -683,6 +914,13 @@ def requests_by_class(status: dict[str, Any]) -> dict[str, int]:
     if not isinstance(counts, dict):
         return {}
     return {k: v for k, v in counts.items() if isinstance(v, int) and v}
+
+
+def requests_total(status: dict[str, Any]) -> int:
+    """Requests since the master started (every generation), as `top` and the status page
+    count them; from an older master, its active generation's."""
+    classes = requests_by_class(status)
+    return sum(classes.values()) if classes else int(status.get("requests", 0))
 
 
 def listen_queue_text(status: dict[str, Any]) -> str:

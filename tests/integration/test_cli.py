@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -175,3 +176,99 @@ def test_top_and_config_of_the_yaml(cli_for, tmp: Path) -> None:
     printed = cli("config", "a")
     assert printed.returncode == 0 and f"socket: {tmp}/a.sock" in printed.stdout
     assert cli("top", "nope", "--once").returncode == 2
+
+
+def test_status_ready_and_start_wait_ready(cli_for, tmp: Path) -> None:
+    from tests.conftest import APPS
+
+    cli = cli_for(
+        f"- name: a\n  app: {APPS}/testapp.py\n  socket: {tmp}/a.sock\n"
+        f"  pidfile: {tmp}/a.pid\n  nproc: 1\n  graceful_timeout: 20\n"
+    )
+    before = cli("status", "a", "--ready")
+    assert before.returncode == 3 and before.stdout.startswith("a: not ready: not running")
+
+    started = cli("start", "--wait-ready")
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.startswith("a: started (pid ") and started.stdout.strip().endswith(
+        "ready"
+    )
+    ready = cli("status", "--ready")
+    assert (ready.returncode, ready.stdout) == (0, "a: ready, generation 1\n")
+    [entry] = json.loads(cli("status", "a", "--ready", "--json").stdout)
+    assert (entry["ready"], entry["code"], entry["generation"]) == (True, 0, 1)
+    again = cli("start", "--wait-ready")  # already running and ready: at once
+    assert again.returncode == 0 and "already running" in again.stdout
+
+    # A stop in progress (TERM, one request in flight): running, but not ready.
+    pid = int((tmp / "a.pid").read_text())
+    done = threading.Event()
+
+    def slow() -> None:
+        try:
+            request(f"{tmp}/a.sock", "/slow?s=3", timeout=15)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    try:
+        wait_for(
+            lambda: "1 busy" in cli("status").stdout, 10, what="the slow request to be in flight"
+        )
+        os.kill(pid, signal.SIGTERM)
+        stopping = wait_for(
+            lambda: (r := cli("status", "--ready")).returncode == 1 and r,
+            5,
+            what="status --ready to say not ready",
+        )
+        assert stopping.stdout.startswith("a: not ready: stopping")  # type: ignore[union-attr]
+    finally:
+        thread.join(20)
+    assert done.is_set()
+    wait_for(lambda: gone(pid), 30, what="the master to exit")
+    assert cli("status", "--ready").returncode == 3
+
+
+def test_start_wait_ready_gives_up_after_wait_timeout_with_the_reason(cli_for, tmp: Path) -> None:
+    app = tmp / "slowboot.py"
+    # Imports slowly (the check and the generation both import it), then serves.
+    app.write_text("import time\ntime.sleep(1.5)\n" + APP.format(text="late"))
+    cli = cli_for(f"- name: s\n  app: {app}\n  socket: {tmp}/s.sock\n  pidfile: {tmp}/s.pid\n")
+    r = cli("start", "s", "--wait-ready", "--wait-timeout", "0.3")
+    assert r.returncode == 1
+    assert r.stdout.startswith("s: failed to start: no answer from the master within 0.3 s")
+    # It goes on starting; a longer wait sees it ready.
+    r = cli("start", "s", "--wait-ready", "--wait-timeout", "30")
+    assert r.returncode == 0 and r.stdout.strip().endswith("ready"), r.stdout + r.stderr
+
+
+def test_status_ready_by_pidfile(serve) -> None:
+    server = serve(nproc=1)
+    ready = engine("status", "--pidfile", server.pidfile, "--ready")
+    assert ready.returncode == 0 and ": ready, generation 1" in ready.stdout
+    server.stop()
+    assert engine("status", "--pidfile", server.pidfile, "--ready").returncode == 3
+
+
+def test_start_warns_once_about_a_network_listener_without_an_allow_list(
+    cli_for, tmp: Path
+) -> None:
+    app = tmp / "app.py"
+    app.write_text(APP.format(text="ok"))
+    # Every interface (a config names a real port: one the kernel just gave out); loopback
+    # peers are the ones accepted, as the warning says.
+    with socket.socket() as probe:
+        probe.bind(("0.0.0.0", 0))
+        port = probe.getsockname()[1]
+    cli = cli_for(f"- name: n\n  app: {app}\n  socket: 0.0.0.0:{port}\n  pidfile: {tmp}/n.pid\n")
+    cli.env = {"FCGI_WEB_SERVER_ADDRS": ""}
+    r = cli("start")
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if "warning:" in line]
+    assert warnings == [
+        f"fcgi-engine: warning: n: listens on 0.0.0.0:{port} but will accept loopback peers only "
+        "(no allowed_addrs, no $FCGI_WEB_SERVER_ADDRS); to accept the web servers on other hosts, "
+        "set allowed_addrs to their addresses or ranges (e.g. [198.18.0.0/15, 'fd00::/8'])"
+    ]
+    assert "warning" not in cli("status").stderr

@@ -387,3 +387,79 @@ def test_stop_signals_a_master_whose_control_socket_is_gone(cli_for, tmp: Path) 
     assert r.returncode == 0 and f"stopped (pid {pid}" in r.stdout, r.stdout
     assert gone(pid)
     assert not (tmp / "shop.pid").exists() and not (tmp / "shop.sock").exists()
+
+
+CONTRACT = {
+    "server",
+    "ok",
+    "old_generation",
+    "new_generation",
+    "release_dir",
+    "boot_seconds",
+    "health",
+    "rolled_back",
+    "error",
+}
+
+RELEASE = """\
+def application(environ, start_response):
+    status = "{health}" if environ["PATH_INFO"] == "/healthz" else "200 OK"
+    start_response(status, [("Content-Type", "text/plain")])
+    return [b"{name}"]
+"""
+
+
+def graceful_json(cli: Cli) -> tuple[int, dict]:
+    r = cli("graceful", "app", "--json")
+    [outcome] = json.loads(r.stdout)
+    assert CONTRACT <= set(outcome), outcome
+    assert outcome["server"] == outcome["name"] == "app"
+    assert outcome["code"] == r.returncode
+    return r.returncode, outcome
+
+
+def test_graceful_json_is_the_documented_contract_for_every_outcome(cli_for, tmp: Path) -> None:
+    site = tmp / "site"
+    cli = cli_for(
+        release_site(tmp, RELEASE.format(health="200 OK", name="r1"), "  health: /healthz\n")
+    )
+    # Not running: graceful starts it; there was no old generation.
+    code, started = graceful_json(cli)
+    assert (code, started["ok"], started["old_generation"], started["new_generation"]) == (
+        0,
+        True,
+        None,
+        1,
+    )
+    assert started["rolled_back"] is False and started["error"] is None
+
+    deploy(site, "r2", RELEASE.format(health="200 OK", name="r2"))
+    code, rolled = graceful_json(cli)
+    assert code == 0 and rolled["ok"] is True and rolled["error"] is None
+    assert (rolled["old_generation"], rolled["new_generation"]) == (1, 2)
+    assert rolled["rolled_back"] is False
+    # Filled by a master that reports them; null from one that does not (never wrong).
+    assert rolled["release_dir"] in (None, os.path.realpath(site / "r2"))
+    assert rolled["boot_seconds"] is None or 0 < rolled["boot_seconds"] < 30
+    assert rolled["health"]["path"] == "/healthz"
+    assert rolled["health"]["status"] in (None, 200)
+    assert request(str(tmp / "app.sock"), "/").body == b"r2"
+
+    # A release whose health check fails: rolled back, exit 1, the old generation serves.
+    deploy(site, "r3", RELEASE.format(health="503 Service Unavailable", name="r3"))
+    code, failed = graceful_json(cli)
+    assert code == 1 and failed["ok"] is False and failed["rolled_back"] is True
+    assert (failed["old_generation"], failed["new_generation"]) == (2, 3)
+    assert failed["health"]["path"] == "/healthz"
+    assert failed["health"]["status"] in (None, 503)
+    assert isinstance(failed["error"], str) and failed["error"]
+    assert failed["release_dir"] in (None, os.path.realpath(site / "r3"))
+    assert request(str(tmp / "app.sock"), "/").body == b"r2"
+
+    # A release that does not even import: refused before anything starts.
+    deploy(site, "r4", "import nonexistent_dependency_xyz\n")
+    code, refused = graceful_json(cli)
+    assert code == 1 and refused["ok"] is False and refused["rolled_back"] is False
+    assert (refused["old_generation"], refused["new_generation"]) == (2, None)
+    assert "nonexistent_dependency_xyz" in refused["error"]
+    assert request(str(tmp / "app.sock"), "/").body == b"r2"

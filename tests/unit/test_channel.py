@@ -28,6 +28,26 @@ MESSAGES = [
     (Status([W1]), {"event": "status", "workers": [W1_WIRE]}),
     (Status([]), {"event": "status", "workers": []}),
     (Resize(4), {"cmd": "nproc", "n": 4}),
+    # Issue 12: optional fields, left out when unknown, so older readers see what they knew.
+    (
+        Ready([11], [W1], channel.HealthResult("/healthz", 200)),
+        {
+            "event": "ready",
+            "pids": [11],
+            "workers": [W1_WIRE],
+            "health": {"path": "/healthz", "status": 200},
+        },
+    ),
+    (
+        Failed("health check", channel.HealthResult("/healthz", None)),
+        {
+            "event": "failed",
+            "error": "health check",
+            "health": {"path": "/healthz", "status": None},
+        },
+    ),
+    (channel.Stop(serve_backlog=True), {"cmd": "stop", "serve_backlog": True}),
+    (channel.Stop(serve_backlog=False), {"cmd": "stop", "serve_backlog": False}),
 ]
 
 
@@ -88,3 +108,10 @@ def test_line_buffer_is_importable_from_the_channel() -> None:
     second = channel.encode(Failed("x"))
     assert lines.feed(first + second[:5]) == [first.rstrip(b"\n")]
     assert [channel.decode(raw) for raw in lines.feed(second[5:])] == [Failed("x")]
+
+
+def test_a_bad_health_result_says_what_is_wrong() -> None:
+    with pytest.raises(MessageError, match="'health'"):
+        channel.decode(b'{"event": "ready", "pids": [], "health": "yes"}')
+    with pytest.raises(MessageError, match="'status'"):
+        channel.decode(b'{"event": "ready", "pids": [], "health": {"path": "/h", "status": "ok"}}')

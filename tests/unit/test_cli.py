@@ -326,3 +326,136 @@ def test_serve_refuses_a_socket_in_a_missing_directory(
     assert main(["serve", "x", "--listen", f"{tmp_path}/no/x.sock"]) == 2
     err = capsys.readouterr().err
     assert f"--listen: the socket's directory {tmp_path}/no does not exist" in err
+
+
+# ---------------------------------------------------------------- readiness (status --ready)
+
+
+def ready_outcome(status: dict[str, Any] | None, state: State = State.RUNNING) -> Outcome:
+    from fcgi_engine.manager import ready_of
+
+    server = server_for_pidfile("/run/x.pid")
+    return ready_of(server, Probe(state, 100 if status is not None else None, status or {}))
+
+
+def test_ready_when_the_master_says_so() -> None:
+    outcome = ready_outcome(snapshot(ready=True))
+    assert (outcome.code, outcome.message) == (Code.OK, "ready, generation 4")
+    assert outcome.data["ready"] is True and outcome.data["ready_reason"] is None
+
+
+def test_running_but_not_ready_is_exit_1_with_the_reason() -> None:
+    draining = ready_outcome(
+        snapshot(ready=False, state="stopping", drain_delay_until=1_700_000_200.0)
+    )
+    assert draining.code == Code.FAILURE
+    assert draining.message.startswith("not ready: stopping (draining until ")
+    said = ready_outcome(snapshot(ready=False, ready_reason="stopping: drain_delay 10 s"))
+    assert said.message == "not ready: stopping: drain_delay 10 s"
+    booting = ready_outcome(snapshot(ready=False, generation=None, booting=1, state="starting"))
+    assert booting.message == "not ready: starting, generation 1 booting"
+    assert booting.data["ready"] is False
+
+
+def test_not_running_is_exit_3_and_unknown_exit_4() -> None:
+    for state in (State.STOPPED, State.STALE):
+        outcome = ready_outcome(None, state)
+        assert outcome.code == Code.NOT_RUNNING_STATUS and outcome.data["ready"] is False
+    assert ready_outcome(None, State.UNKNOWN).code == Code.UNKNOWN
+
+
+def test_readiness_of_a_master_older_than_ready_is_judged_by_its_state() -> None:
+    from fcgi_engine.manager import readiness
+
+    old = snapshot(state="running")
+    assert "ready" not in old and readiness(old).ready
+    assert not readiness(snapshot(state="stopping")).ready
+    assert not readiness(snapshot(state="starting", generation=None)).ready
+
+
+def test_status_ready_and_start_wait_ready_flags_parse() -> None:
+    args = build_parser().parse_args(["status", "api", "--ready", "--json"])
+    assert (args.ready, args.json, args.names) == (True, True, ["api"])
+    args = build_parser().parse_args(["status", "--pidfile", "x.pid", "--ready"])
+    assert args.ready and args.pidfile == "x.pid"
+    args = build_parser().parse_args(["start", "--wait-ready", "--wait-timeout", "2.5"])
+    assert (args.wait_ready, args.wait_timeout) == (True, 2.5)
+
+
+def test_wait_timeout_without_wait_ready_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.yml"
+    config.write_text(f"- name: a\n  app: x\n  socket: {tmp_path}/a.sock\n")
+    assert main(["-c", str(config), "start", "--wait-timeout", "3"]) == Code.USAGE
+    assert "--wait-timeout goes with --wait-ready" in capsys.readouterr().err
+    assert main(["-c", str(config), "start", "--wait-ready", "--wait-timeout", "0"]) == Code.USAGE
+
+
+# ---------------------------------------------------------------- graceful --json
+
+
+CONTRACT_KEYS = {
+    "server",
+    "ok",
+    "old_generation",
+    "new_generation",
+    "release_dir",
+    "boot_seconds",
+    "health",
+    "rolled_back",
+    "error",
+}
+
+
+def test_rollout_fields_are_all_there_null_where_unknown() -> None:
+    from fcgi_engine.manager import rollout_fields
+
+    fields = rollout_fields("api", ok=False, old_generation=3, error="boom")
+    assert set(fields) == CONTRACT_KEYS
+    assert fields["new_generation"] is None and fields["release_dir"] is None
+    assert fields["rolled_back"] is False and fields["error"] == "boom"
+
+
+def test_health_is_what_the_master_said_else_the_configured_path() -> None:
+    from fcgi_engine.config.settings import ServerConfig
+    from fcgi_engine.manager import _health_field
+
+    checked = ServerConfig(name="a", socket="/x.sock", app="x", health="/healthz")
+    unchecked = ServerConfig(name="a", socket="/x.sock", app="x")
+    said = {"path": "/healthz", "status": 503}
+    assert _health_field(checked, said) == said
+    assert _health_field(checked, None) == {"path": "/healthz", "status": None}
+    assert _health_field(unchecked, None) is None
+
+
+def test_json_report_keeps_the_old_keys_and_adds_the_contract(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from fcgi_engine.cli import _report
+    from fcgi_engine.manager import rollout_fields
+
+    failed = Outcome(
+        "api",
+        Code.FAILURE,
+        "graceful rolled back, old generation still serving: health /healthz: 503",
+        detail="health /healthz: 503",
+        data={
+            "from": 3,
+            "to": 4,
+            **rollout_fields(
+                "api",
+                ok=False,
+                old_generation=3,
+                new_generation=4,
+                health={"path": "/healthz", "status": 503},
+                rolled_back=True,
+                error="health /healthz: 503",
+            ),
+        },
+    )
+    assert _report([failed], as_json=True) == Code.FAILURE
+    [printed] = json.loads(capsys.readouterr().out)
+    assert CONTRACT_KEYS | {"name", "code", "message", "detail"} <= set(printed)
+    assert (printed["ok"], printed["rolled_back"], printed["code"]) == (False, True, 1)
+    assert (printed["old_generation"], printed["new_generation"]) == (3, 4)

@@ -334,3 +334,92 @@ def test_directory_problem_names_a_pidfile_directory_that_cannot_be_made(tmp_pat
     assert problem is not None
     assert f"{path}:4: server 'a' key 'pidfile'" in str(problem)
     assert f"cannot be created: {tmp_path}/file is not a directory" in str(problem)
+
+
+# ---------------------------------------------------------------- allow-lists for networks
+
+
+FLEET = ["198.18.0.0/15", "fd00::/8", "::ffff:203.0.113.7"]
+
+
+@pytest.mark.parametrize(
+    "peer, allowed",
+    [
+        ("198.18.0.1", True),
+        ("198.19.255.255", True),  # the last address of the /15
+        ("198.20.0.1", False),  # the first one past it
+        ("198.17.255.255", False),
+        ("::ffff:198.18.0.5", True),  # an IPv4 peer on a dual-stack socket
+        ("::ffff:198.20.0.1", False),
+        ("fd00::1", True),
+        ("fdff:ffff::1", True),
+        ("fe80::1", False),
+        ("fe80::1%eth0", False),
+        ("203.0.113.7", True),  # allowed as ::ffff:203.0.113.7: the same peer
+        ("::ffff:203.0.113.7", True),
+        ("203.0.113.8", False),
+        ("127.0.0.1", False),  # loopback is not implied once a list is given
+        ("not-an-address", False),
+    ],
+)
+def test_allow_list_takes_cidr_ranges_ipv6_and_mapped_addresses(peer: str, allowed: bool) -> None:
+    from fcgi_engine.config.address import AllowList
+
+    assert AllowList(FLEET).allows(peer) is allowed
+
+
+def test_a_mapped_range_is_the_ipv4_range_it_means() -> None:
+    from fcgi_engine.config.address import AllowList
+
+    mapped = AllowList(["::ffff:198.18.0.0/111"])  # /111 of the mapped space = /15 of IPv4
+    assert mapped.allows("198.19.255.255") and mapped.allows("::ffff:198.18.3.4")
+    assert not mapped.allows("198.20.0.1")
+
+
+def test_allowed_addrs_of_a_fleet_load_from_yaml(tmp_path: Path) -> None:
+    from fcgi_engine.config.address import AllowList
+
+    written = "[198.18.0.0/15, 'fd00::/8', '::ffff:198.18.0.5']"
+    [server] = load_config(server_with(tmp_path, f"    allowed_addrs: {written}\n"))
+    assert server.allowed_addrs == ["198.18.0.0/15", "fd00::/8", "::ffff:198.18.0.5"]
+    assert AllowList(server.allowed_addrs).allows("198.19.0.9")
+
+
+@pytest.mark.parametrize(
+    "socket, extra, env, warned",
+    [
+        ("198.18.1.2:9000", {}, None, True),
+        ("0.0.0.0:9000", {}, None, True),  # every interface: a network listener
+        ("[::]:9000", {}, None, True),
+        ("app.example:9000", {}, None, True),  # a name: not known to be loopback
+        ("127.0.0.1:9000", {}, None, False),
+        ("[::1]:9000", {}, None, False),
+        ("localhost:9000", {}, None, False),
+        ("/run/app.sock", {}, None, False),
+        ("198.18.1.2:9000", {"allowed_addrs": ["198.18.0.0/15"]}, None, False),
+        ("198.18.1.2:9000", {"allowed_addrs": ["any"]}, None, False),
+        ("198.18.1.2:9000", {}, "198.18.0.1", False),
+        ("198.18.1.2:9000", {"command": ["php-cgi"], "app": None}, None, False),
+    ],
+)
+def test_a_network_listener_without_an_allow_list_is_warned_about(
+    monkeypatch: pytest.MonkeyPatch,
+    socket: str,
+    extra: dict[str, object],
+    env: str | None,
+    warned: bool,
+) -> None:
+    from fcgi_engine.config.settings import ServerConfig, loopback_only_warning
+
+    if env is None:
+        monkeypatch.delenv("FCGI_WEB_SERVER_ADDRS", raising=False)
+    else:
+        monkeypatch.setenv("FCGI_WEB_SERVER_ADDRS", env)
+    cfg = ServerConfig(**{"name": "shop", "socket": socket, "app": "x", **extra})  # type: ignore[arg-type]
+    text = loopback_only_warning(cfg)
+    if not warned:
+        assert text is None
+        return
+    assert text is not None
+    assert text.startswith(f"shop: listens on {socket} but will accept loopback peers only")
+    assert "allowed_addrs" in text and "$FCGI_WEB_SERVER_ADDRS" in text

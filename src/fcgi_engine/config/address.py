@@ -88,6 +88,7 @@ class AllowList:
                 raise AddressError(
                     f"{entry!r} is not an IP address, a CIDR range (10.0.0.0/8) or 'any'"
                 ) from None
+            net = _unmapped(net)
             if net.num_addresses == 1:
                 exact.add(str(net.network_address))
             else:
@@ -114,3 +115,27 @@ class AllowList:
 
     def __repr__(self) -> str:
         return f"AllowList({list(self.entries)!r})"
+
+
+def _unmapped(
+    net: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An IPv4-mapped entry (::ffff:198.18.0.5, ::ffff:198.18.0.0/111) as the IPv4 range it
+    means: peers are judged by their IPv4 address (see AllowList.allows), so the entry must be
+    too, or it would never match."""
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96:
+        mapped = net.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, net.prefixlen - 96))
+    return net
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a listener's host only takes connections from this machine: a loopback address
+    or `localhost`. A wildcard (0.0.0.0, ::) or any other name is not."""
+    if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False

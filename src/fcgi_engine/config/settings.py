@@ -18,7 +18,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, TypeVar, cast
 
-from fcgi_engine.config.address import ANY, LOOPBACK, AddressError, AllowList
+from fcgi_engine.config.address import (
+    ANY,
+    LOOPBACK,
+    AddressError,
+    AllowList,
+    TcpAddress,
+    is_loopback_host,
+    parse_address,
+)
 
 T = TypeVar("T")
 
@@ -595,6 +603,32 @@ def resolve_allowed_addrs(cfg: ServerConfig) -> AllowedAddrs:
             [ANY if e.lower() == ANY else e for e in from_env], "FCGI_WEB_SERVER_ADDRS"
         )
     return AllowedAddrs(list(LOOPBACK), "default")
+
+
+def loopback_only_warning(cfg: ServerConfig) -> str | None:
+    """The warning for a server that listens on a network (TCP, not loopback) with nobody's
+    allow-list (no `allowed_addrs`, no $FCGI_WEB_SERVER_ADDRS): it will accept loopback peers
+    only, which on several hosts means nginx on another host is refused. None when that is not
+    the case (a unix socket, a loopback listener, an allow-list, or a `command:` program that
+    filters peers itself)."""
+    if cfg.command:
+        return None
+    try:
+        address = parse_address(cfg.socket, any_port=True)
+    except AddressError:
+        return None  # reported where the socket is opened
+    if not isinstance(address, TcpAddress) or is_loopback_host(address.host):
+        return None
+    try:
+        if resolve_allowed_addrs(cfg).source != "default":
+            return None
+    except AddressError:
+        return None  # a bad $FCGI_WEB_SERVER_ADDRS is an error of its own
+    return (
+        f"{cfg.name}: listens on {address} but will accept loopback peers only (no "
+        "allowed_addrs, no $FCGI_WEB_SERVER_ADDRS); to accept the web servers on other hosts, "
+        "set allowed_addrs to their addresses or ranges (e.g. [198.18.0.0/15, 'fd00::/8'])"
+    )
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,17 @@
 """The master's I/O shell: turns signals, children and control requests into policy events and
-carries the policy's actions out. It holds the listening socket for its whole life."""
+carries the policy's actions out. It holds the listening socket until the server stops.
+
+Leaving (the policy's StopAccepting): a listener the master owns takes no new connection from
+then on while the queued ones stay acceptable (a unix socket's path is unlinked; a TCP
+listener drops new SYNs, sockets.refuse_new_connections). The generation is told so (channel
+Stop) before its SIGTERM, and its workers accept the queue dry before they close their copies;
+the master closes its own copy once it sees the queue empty, so that when the last copy goes,
+late connects are refused (which nginx retries elsewhere) and no queued connection is reset. A
+listener someone else holds (systemd socket activation, fd 0 from a web server) is left alone:
+its queue waits for whoever serves next.
+
+With status_listen, the master also answers plain HTTP there (master/http_status.py):
+/readyz, /livez, /status."""
 
 from __future__ import annotations
 
@@ -23,6 +35,7 @@ from fcgi_engine.config.boot import ENV_KEY, for_server
 from fcgi_engine.config.settings import ServerConfig, resolve_allowed_addrs
 from fcgi_engine.control import unhandled
 from fcgi_engine.master import policy as P
+from fcgi_engine.master.http_status import HttpStatusServer
 from fcgi_engine.master.status_server import StatusServer
 from fcgi_engine.protocol import Limits
 from fcgi_engine.system import interpreter, logfile, sockets
@@ -106,6 +119,7 @@ class InheritedGeneration:
     phase: str
     pids: list[int]
     workers: list[WorkerInfo]
+    started_at: float | None = None  # wall clock (None: from an older engine)
 
 
 @dataclass(frozen=True)
@@ -123,6 +137,9 @@ class ReexecState:
     unix_path: str | None = None
     status_pass: tuple[int, int] | None = None  # the status hand-over pair (receive, send)
     metrics: dict[str, Any] | None = None  # the policy's Metrics.to_wire()
+    owns_listener: bool = True  # False: inherited from systemd or a web server
+    status_listen: int = -1  # the status_listen socket (-1: none)
+    held: list[int] = field(default_factory=list)  # connections taken and not yet read
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -138,7 +155,14 @@ class ReexecState:
                 workers = []  # the next status report fills them in
             gens.append(
                 InheritedGeneration(
-                    g["id"], g["pid"], g["channel"], g["output"], g["phase"], g["pids"], workers
+                    g["id"],
+                    g["pid"],
+                    g["channel"],
+                    g["output"],
+                    g["phase"],
+                    g["pids"],
+                    workers,
+                    g.get("started_at"),
                 )
             )
         send, recv = obj["handoff"]
@@ -153,6 +177,9 @@ class ReexecState:
             unix_path=obj.get("unix_path"),
             status_pass=tuple(obj["status_pass"]) if obj.get("status_pass") else None,
             metrics=obj.get("metrics"),
+            owns_listener=bool(obj.get("owns_listener", True)),
+            status_listen=int(obj.get("status_listen", -1)),
+            held=[int(fd) for fd in obj.get("held", [])],
         )
 
 
@@ -166,9 +193,18 @@ class MasterLoop:
         ready_fd: int = -1,
         log_stream: Any = None,
         unix_path: str | None = None,
+        owns_listener: bool = True,
+        status_listener: socket.socket | None = None,
     ) -> None:
         self.cfg = cfg
         self.listener = listener
+        # A listener we bound ourselves is ours to close on a stop; an inherited one is not.
+        self.owns_listener = owns_listener
+        # After StopAccepting: whether the workers serve the queue dry (the listener refuses
+        # new connections), and whether the master's own copy is closed yet.
+        self.serve_backlog = False
+        self.listener_closed = False
+        self.unix_identity = sockets.unix_socket_identity(unix_path) if unix_path else None
         self.control_sock = control_sock
         self.ready_fd = ready_fd
         self.log_stream = log_stream or sys.stderr
@@ -182,6 +218,10 @@ class MasterLoop:
                 graceful_timeout=cfg.graceful_timeout,
                 listen=unix_path or sockets.describe(listener),
                 pid=os.getpid(),
+                drain_delay=cfg.drain_delay,
+                status_listen=(
+                    sockets.describe(status_listener) if status_listener is not None else None
+                ),
             )
         )
         self.handoff_send, self.handoff_recv = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -192,6 +232,7 @@ class MasterLoop:
         self._stdout_fd: int | None = None  # see _stdout_copy
         self.queue_sampled_at = 0.0
         self.queue_waiting = 0  # consecutive samples with connections waiting
+        self.queue_empty_samples = 0  # consecutive empty samples after StopAccepting
         # The master takes connections from the listener itself (see status_server).
         self.taking_over = False
         self.children: dict[int, Child] = {}
@@ -207,6 +248,16 @@ class MasterLoop:
             params_timeout=cfg.params_timeout,
             send_timeout=cfg.send_timeout,
             allowed=None if allow_list.allows_any else allow_list,
+        )
+        self.http_status = (
+            HttpStatusServer(
+                status_listener,
+                self.sel,
+                lambda: self.policy.snapshot(time.monotonic()),
+                self.policy.not_ready_reason,
+            )
+            if status_listener is not None
+            else None
         )
         self.pending_signals: list[int] = []
         self.wakeup = WakeupPipe()
@@ -241,6 +292,8 @@ class MasterLoop:
         if self.control_sock is not None:
             self.control_sock.setblocking(False)
             self._watch_accept(time.monotonic())
+        if self.http_status is not None:
+            self.http_status.start()
         self.service.reexecuted = adopted is not None
         if adopted is not None:
             self._adopt(adopted)
@@ -272,6 +325,12 @@ class MasterLoop:
                         self.status_server.readable(obj)
                 elif kind == "listener":
                     self.status_server.accept_from(self.listener, _ACCEPTS_PER_WAKEUP)
+                elif kind == "http-listen":
+                    if self.http_status is not None:
+                        self.http_status.accept()
+                elif kind == "http-conn":
+                    if self.http_status is not None:
+                        self.http_status.ready(obj, _mask)
             now = time.monotonic()
             while self.pending_signals:
                 self._execute(
@@ -281,6 +340,8 @@ class MasterLoop:
             self._execute(self.policy.handle(P.Tick(now)))
             self._sample_listen_queue(now)
             self.status_server.tick(now)
+            if self.http_status is not None:
+                self.http_status.tick(now)
             self._expire_control(now)
             self._watch_accept(now)
             self._report_to_service()
@@ -374,6 +435,9 @@ class MasterLoop:
             return
         theirs.close()
         os.close(out_w)
+        self.deferred_events.append(
+            P.GenerationSpawned(gen_id, time.monotonic(), cwd if self.cfg.chdir else None)
+        )
         child = Child(gen_id, proc.pid, ours, out_r, proc)
         try:
             self._register_child(child)
@@ -417,14 +481,20 @@ class MasterLoop:
                 continue
             ev: P.Event
             match msg:
-                case channel.Ready(pids=pids, workers=workers):
-                    ev = P.GenerationReady(child.gen_id, now, pids, workers)
-                case channel.Failed(error=error):
-                    ev = P.GenerationFailed(child.gen_id, now, error)
+                case channel.Ready(pids=pids, workers=workers, health=health):
+                    ev = P.GenerationReady(
+                        child.gen_id, now, pids, workers, health.to_wire() if health else None
+                    )
+                case channel.Failed(error=error, health=health):
+                    ev = P.GenerationFailed(
+                        child.gen_id, now, error, health.to_wire() if health else None
+                    )
                 case channel.Status(workers=workers, counts=counts, restarts=restarts):
                     ev = P.GenerationStatus(child.gen_id, now, workers, counts, restarts)
-                case channel.Resize():
-                    self._bad_channel_line(child, "a Resize goes to a generation, not from it", now)
+                case channel.Resize() | channel.Stop():
+                    self._bad_channel_line(
+                        child, f"a {type(msg).__name__} goes to a generation, not from it", now
+                    )
                     continue
                 case _:
                     unhandled(msg)
@@ -737,6 +807,10 @@ class MasterLoop:
                 getattr(log, level)(message)
             case P.ReopenLogs():
                 self._reopen_logs()
+            case P.StopAccepting():
+                self._stop_accepting()
+            case P.StopGeneration(gen_id=gen_id):
+                self._stop_generation(gen_id)
             case P.ReExec():
                 self.reexec_requested = True
             case P.Exit(code=code):
@@ -761,6 +835,59 @@ class MasterLoop:
                 signal.Signals(signum).name,
                 exc,
             )
+
+    def _stop_accepting(self) -> None:
+        """Take no new connection on the listener from now on; those queued are still served
+        (see the module docstring). The master stops taking connections itself."""
+        self._take_over(False)
+        self.queue_waiting = 0
+        if not self.owns_listener:
+            log.info(
+                "%s: the listener is inherited: it stays open for whoever serves next",
+                self.cfg.name,
+            )
+            return
+        if self.unix_path is not None:
+            # Unlinked first: a late connect fails at once (ENOENT), and nginx retries it.
+            sockets.remove_unix_socket(self.unix_path, self.unix_identity)
+            self.serve_backlog = True
+        else:
+            self.serve_backlog = sockets.refuse_new_connections(self.listener)
+        if self.serve_backlog:
+            log.info("%s: not accepting new connections; serving those queued", self.cfg.name)
+        else:
+            log.warning(
+                "%s: cannot make %s refuse new connections: the workers stop accepting now, "
+                "and connections still queued when the master exits are reset",
+                self.cfg.name,
+                self.policy.settings.listen,
+            )
+
+    def _stop_generation(self, gen_id: int) -> None:
+        child = self.children.get(gen_id)
+        if child is None:
+            return
+        try:
+            # Before the signal, so the generation has read it when the signal wakes it.
+            child.channel.sendall(channel.encode(channel.Stop(serve_backlog=self.serve_backlog)))
+        except OSError as exc:
+            log.error("%s: cannot tell generation %d to stop: %s", self.cfg.name, child.gen_id, exc)
+        self._signal_generation(gen_id, signal.SIGTERM)
+
+    def _close_listener_when_served(self, waiting: int | None) -> None:
+        """Close the master's copy of the listener once its queue is seen empty twice in a row
+        after StopAccepting (the workers hold theirs until they see it empty too)."""
+        if not self.serve_backlog or self.listener_closed:
+            return
+        if waiting is None or waiting > 0:
+            self.queue_empty_samples = 0
+            return
+        self.queue_empty_samples += 1
+        if self.queue_empty_samples >= 2:
+            self.listen_queue.close()
+            self.listener.close()
+            self.listener_closed = True
+            log.info("%s: listen queue served; the master closed the listener", self.cfg.name)
 
     def _resize_generation(self, gen_id: int, nproc: int) -> None:
         child = self.children.get(gen_id)
@@ -831,11 +958,16 @@ class MasterLoop:
     def _sample_listen_queue(self, now: float) -> None:
         """Measure the accept queue, and take connections from it while it stays non-empty
         and every worker is busy (so the status page answers even then; see status_server)."""
-        if now - self.queue_sampled_at < QUEUE_SAMPLE_INTERVAL:
+        if now - self.queue_sampled_at < QUEUE_SAMPLE_INTERVAL or self.listener_closed:
             return
         self.queue_sampled_at = now
         waiting, limit = self.listen_queue.sample()
-        self._execute(self.policy.handle(P.ListenQueueSampled(now, waiting, limit)))
+        # Connections the master took from the queue to look at still wait for a worker.
+        shown = waiting + self.status_server.held() if waiting is not None else None
+        self._execute(self.policy.handle(P.ListenQueueSampled(now, shown, limit)))
+        if self.policy.accepting_stopped:
+            self._close_listener_when_served(waiting)
+            return
         self.queue_waiting = self.queue_waiting + 1 if waiting else 0
         self._take_over(self.queue_waiting >= 2 and self._workers_all_busy())
 
@@ -853,8 +985,9 @@ class MasterLoop:
             # The workers made it non-blocking already (one open file shared by all).
             self.listener.setblocking(False)
             self.sel.register(self.listener, selectors.EVENT_READ, ("listener", None))
-            log.info(
-                "%s: every worker is busy and connections wait: the master reads them",
+            # DEBUG: under saturation this switches on and off every time the queue drains.
+            log.debug(
+                "%s: every worker is busy and connections wait: the master looks at them",
                 self.cfg.name,
             )
         else:
@@ -868,8 +1001,17 @@ class MasterLoop:
         The policy decided it is time (no rollout boots, no stop runs)."""
         keep = [self.listener.fileno(), self.handoff_send.fileno(), self.handoff_recv.fileno()]
         keep += [self.status_recv.fileno(), self.status_send.fileno()]
-        # Connections the master holds for the status page are not carried over.
+        # Connections taken from the listener and not yet read go to the next image (they are
+        # requests waiting for a worker); status answers in progress are dropped (a status
+        # page is asked again).
+        held = self.status_server.release_untouched()
+        keep += [sock.fileno() for sock in held]
         self.status_server.close_all()
+        status_listen = -1
+        if self.http_status is not None:
+            self.http_status.close_connections()
+            status_listen = self.http_status.listener.fileno()
+            keep.append(status_listen)
         if self.control_sock is not None:
             keep.append(self.control_sock.fileno())
         gens = []
@@ -885,6 +1027,7 @@ class MasterLoop:
                     phase=rec.phase.value if rec else P.Phase.DRAINING.value,
                     pids=rec.pids if rec else [],
                     workers=rec.workers if rec else [],
+                    started_at=self.policy.wall(rec.started) if rec else None,
                 )
             )
         for fd in keep:
@@ -900,6 +1043,9 @@ class MasterLoop:
             unix_path=self.unix_path,
             status_pass=(self.status_recv.fileno(), self.status_send.fileno()),
             metrics=self.policy.metrics.to_wire(),
+            held=[sock.fileno() for sock in held],
+            owns_listener=self.owns_listener,
+            status_listen=status_listen,
         )
         os.environ[REEXEC_ENV] = state.to_json()
         argv = [sys.executable, *sys.orig_argv[1:]] if hasattr(sys, "orig_argv") else sys.argv
@@ -928,13 +1074,18 @@ class MasterLoop:
             self.sel.register(self.status_recv, selectors.EVENT_READ, ("status-pass", None))
             for fd in state.status_pass:
                 os.set_inheritable(fd, False)
+        for fd in state.held:
+            os.set_inheritable(fd, False)
+            self.status_server.adopt_untouched(socket.socket(fileno=fd))
         adopted = []
         for g in state.generations:
             child = Child(g.id, g.pid, socket.socket(fileno=g.channel), g.output)
             self._register_child(child)
             os.set_inheritable(g.channel, False)
             os.set_inheritable(g.output, False)
-            adopted.append(P.AdoptedGeneration(g.id, P.Phase(g.phase), g.pids, g.workers))
+            adopted.append(
+                P.AdoptedGeneration(g.id, P.Phase(g.phase), g.pids, g.workers, g.started_at)
+            )
         for fd in (self.listener.fileno(), self.handoff_send.fileno(), self.handoff_recv.fileno()):
             os.set_inheritable(fd, False)
         event = P.Adopted(

@@ -8,6 +8,13 @@ documents): each generation's cumulative counts as its last Status said, plus th
 generations that are gone, so no counter ever goes backwards; rollouts by outcome; the listen
 queue as the loop samples it; and a recent request rate. Times are monotonic, as everywhere
 here; the wall clock enters once (Started, Adopted) and wall-clock times are derived from it.
+
+Leaving (TERM, `stop`): with drain_delay the server first serves on for that long, reporting
+not ready, so a load balancer can take it out while nothing is refused; then StopAccepting (the
+listener takes no new connection; the queued ones are still served) and StopGeneration for the
+serving generation, which accepts its queue dry, closes its copies of the listener and finishes
+its requests within graceful_timeout; the master exits once every generation is gone. Ready
+(`ready()`) means: a generation has passed its proof and serves, and no stop has begun.
 """
 
 from __future__ import annotations
@@ -66,6 +73,8 @@ class GenerationRecord:
     ready_at: float = 0.0
     counts: RequestCounts | None = None  # cumulative, as its last Status said
     restarts: dict[str, int] = field(default_factory=dict)
+    release_dir: str | None = None  # the real path it booted from (None: no chdir)
+    health: dict[str, Any] | None = None  # its own health check: {"path", "status"}
 
 
 # ---------------------------------------------------------------- events
@@ -103,11 +112,21 @@ class StatusRequested:
 
 
 @dataclass(frozen=True)
+class GenerationSpawned:
+    """The generation's process started, in `release_dir` (None: no chdir configured)."""
+
+    gen_id: int
+    now: float
+    release_dir: str | None = None
+
+
+@dataclass(frozen=True)
 class GenerationReady:
     gen_id: int
     now: float
     pids: list[int] = field(default_factory=list)
     workers: list[WorkerInfo] = field(default_factory=list)
+    health: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +134,7 @@ class GenerationFailed:
     gen_id: int
     now: float
     error: str
+    health: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +165,7 @@ class AdoptedGeneration:
     phase: Phase
     pids: list[int] = field(default_factory=list)
     workers: list[WorkerInfo] = field(default_factory=list)
+    started_at: float | None = None  # wall clock, when the previous image knew it
 
 
 @dataclass(frozen=True)
@@ -178,6 +199,7 @@ Event = (
     | RolloutRequested
     | StopRequested
     | StatusRequested
+    | GenerationSpawned
     | GenerationReady
     | GenerationFailed
     | GenerationStatus
@@ -242,6 +264,21 @@ class ReopenLogs:
 
 
 @dataclass(frozen=True)
+class StopAccepting:
+    """Make the listener take no new connection, while the connections queued in it can still
+    be accepted (the loop unlinks a unix socket's path, filters a TCP listener's SYNs), and stop
+    taking connections in the master."""
+
+
+@dataclass(frozen=True)
+class StopGeneration:
+    """Drain the generation for a stop: tell it whether to serve the listen queue dry (channel
+    Stop), then SIGTERM."""
+
+    gen_id: int
+
+
+@dataclass(frozen=True)
 class ReExec:
     """Exec the master's image again now (the loop does it once this list is carried out)."""
 
@@ -260,6 +297,8 @@ Action = (
     | NotifyStarted
     | Log
     | ReopenLogs
+    | StopAccepting
+    | StopGeneration
     | ReExec
     | Exit
 )
@@ -274,6 +313,8 @@ class Settings:
     respawn_backoff: float = 1.0
     listen: str = ""  # the bound address, shown in the status ("127.0.0.1:43117", a path)
     pid: int = 0  # the master's
+    drain_delay: float = 0.0  # seconds a graceful stop serves on, not ready, before leaving
+    status_listen: str | None = None  # the status_listen address bound (HTTP probes)
 
 
 @dataclass
@@ -352,6 +393,10 @@ class MasterPolicy:
         self.metrics = Metrics()
         # time.time() - time.monotonic(), fixed once (Started, Adopted): wall-clock times.
         self.wall_offset = 0.0
+        # A graceful stop: when it was asked for, and until when it serves on (drain_delay).
+        self.stopping_since: float | None = None
+        self.drain_until: float | None = None
+        self.accepting_stopped = False
 
     # ------------------------------------------------------------ helpers
 
@@ -375,6 +420,23 @@ class MasterPolicy:
     def wall(self, monotonic: float) -> float:
         """The wall-clock time of a monotonic one."""
         return round(monotonic + self.wall_offset, 3)
+
+    def ready(self) -> bool:
+        """A generation passed its proof and serves, and no stop has begun (a graceful rollout
+        keeps it: the old generation serves until the new one is proven)."""
+        return self.not_ready_reason() is None
+
+    def not_ready_reason(self) -> str | None:
+        """Why the server is not ready, for /readyz; None when it is."""
+        if self.stopping:
+            if self.drain_until is not None:
+                return "stopping: drain_delay runs, then it stops accepting"
+            return "stopping"
+        if self.active is None:
+            if self.booting is not None:
+                return f"generation {self.booting} is booting"
+            return "no generation serves"
+        return None
 
     def _worker_wire(self, worker: WorkerInfo, now: float) -> dict[str, Any]:
         wire = worker.to_wire()
@@ -413,6 +475,7 @@ class MasterPolicy:
             "metrics": self.metrics_snapshot(now),
             "name": self._name(),
             "listen": self.settings.listen,
+            "status_listen": self.settings.status_listen,
             "state": "stopping" if self.stopping else ("running" if active else "starting"),
             "generation": self.active,
             "booting": self.booting,
@@ -420,12 +483,26 @@ class MasterPolicy:
             "workers": [self._worker_wire(w, now) for w in workers],
             "workers_ready": len(workers),
             "requests": sum(w.requests for w in workers),
-            "uptime": round(now - self.started_at, 3),
+            # From the wall clock the master started at: a re-exec does not reset it.
+            "uptime": round(
+                self.wall(now) - started_wall
+                if started_wall is not None
+                else now - self.started_at,
+                3,
+            ),
             "generations": gens,
             "last_rollout": (
                 response_wire(self.last_rollout) if self.last_rollout is not None else None
             ),
             "rollout_queued": self.rollout_queued,
+            "ready": self.ready(),
+            "not_ready_reason": self.not_ready_reason(),
+            "stopping_at": (
+                self.wall(self.stopping_since) if self.stopping_since is not None else None
+            ),
+            "drain_delay_until": (
+                self.wall(self.drain_until) if self.drain_until is not None else None
+            ),
         }
 
     def _counts(self) -> RequestCounts:
@@ -499,6 +576,11 @@ class MasterPolicy:
                 return self._on_stop_requested(event)
             case StatusRequested():
                 return [Reply(event.reply_to, StatusResponse(self.snapshot(event.now)))]
+            case GenerationSpawned():
+                rec = self.generations.get(event.gen_id)
+                if rec is not None:
+                    rec.release_dir = event.release_dir
+                return []
             case GenerationReady():
                 return self._on_generation_ready(event)
             case GenerationFailed():
@@ -533,10 +615,14 @@ class MasterPolicy:
         self.next_id = ev.next_id
         self.nproc = ev.nproc
         for g in ev.generations:
+            # Its start as a monotonic time of this image, from the wall clock it started at.
+            started = ev.now
+            if g.started_at is not None and ev.wall is not None:
+                started = min(ev.now, g.started_at - self.wall_offset)
             self.generations[g.id] = GenerationRecord(
                 g.id,
                 g.phase,
-                ev.now,
+                started,
                 deadline=ev.now + self.settings.graceful_timeout,
                 pids=list(g.pids),
                 workers=list(g.workers),
@@ -643,22 +729,51 @@ class MasterPolicy:
             self.stop_waiters.append(ev.reply_to)
         first = not self.stopping
         self.stopping = True
+        if first:
+            self.stopping_since = ev.now
+            actions.append(
+                Log("info", f"{self._name()}: stopping ({'fast' if ev.fast else 'graceful'})")
+            )
         if self.booting is not None:
             actions += self._fail_booting(ev.now, "the server is stopping")
-        for rec in self.generations.values():
-            if ev.fast:
-                actions.append(SignalGeneration(rec.id, signal.SIGQUIT))
-            elif rec.phase is Phase.ACTIVE:
-                rec.phase = Phase.DRAINING
-                rec.deadline = ev.now + self.settings.graceful_timeout
-                actions.append(SignalGeneration(rec.id, signal.SIGTERM))
-        if first:
-            actions.insert(
-                0, Log("info", f"{self._name()}: stopping ({'fast' if ev.fast else 'graceful'})")
+        if ev.fast:
+            # A fast stop ends a drain_delay too.
+            self.drain_until = None
+            actions += self._stop_accepting()
+            actions += [
+                SignalGeneration(rec.id, signal.SIGQUIT) for rec in self.generations.values()
+            ]
+        elif first and self.settings.drain_delay > 0 and self.active is not None:
+            # Serve on, not ready, while the load balancer learns; Tick ends it.
+            self.drain_until = ev.now + self.settings.drain_delay
+            actions.append(
+                Log(
+                    "info",
+                    f"{self._name()}: serving {self.settings.drain_delay:g} s more "
+                    "(drain_delay), reporting not ready, before it stops accepting",
+                )
             )
+        elif self.drain_until is None:
+            actions += self._leave(ev.now)
         if not self.started_ok:
             actions.append(NotifyStarted(False, "stopped before it was ready"))
         actions += self._maybe_exit()
+        return actions
+
+    def _stop_accepting(self) -> list[Action]:
+        if self.accepting_stopped:
+            return []
+        self.accepting_stopped = True
+        return [StopAccepting()]
+
+    def _leave(self, now: float) -> list[Action]:
+        """The graceful stop proper: take no new connection, serve the queued ones, drain."""
+        actions = self._stop_accepting()
+        for rec in self.generations.values():
+            if rec.phase is Phase.ACTIVE:
+                rec.phase = Phase.DRAINING
+                rec.deadline = now + self.settings.graceful_timeout
+                actions.append(StopGeneration(rec.id))
         return actions
 
     def _on_generation_ready(self, ev: GenerationReady) -> list[Action]:
@@ -689,8 +804,15 @@ class MasterPolicy:
             old_rec.phase = Phase.DRAINING
             old_rec.deadline = ev.now + self.settings.graceful_timeout
             actions.append(SignalGeneration(old, signal.SIGHUP))
+        rec.health = ev.health
         outcome = RolloutResponse(
-            ok=True, from_gen=old, to_gen=ev.gen_id, workers=len(ev.pids), boot_seconds=boot_time
+            ok=True,
+            from_gen=old,
+            to_gen=ev.gen_id,
+            workers=len(ev.pids),
+            boot_seconds=boot_time,
+            release_dir=rec.release_dir,
+            health=rec.health,
         )
         if old is not None or self.waiters:
             self.last_rollout = outcome
@@ -744,6 +866,9 @@ class MasterPolicy:
             to_gen=gen_id,
             error=rec.error,
             rolled_back=self.active is not None,
+            boot_seconds=round(now - rec.started, 3),
+            release_dir=rec.release_dir,
+            health=rec.health,
         )
         self.last_rollout = outcome
         if outcome.rolled_back and not self.stopping:
@@ -780,6 +905,8 @@ class MasterPolicy:
         if rec is None:
             return []
         rec.error = ev.error
+        if ev.health is not None:
+            rec.health = ev.health
         if ev.gen_id == self.booting:
             return self._fail_booting(ev.now, ev.error)
         return []
@@ -866,6 +993,10 @@ class MasterPolicy:
 
     def _on_tick(self, ev: Tick) -> list[Action]:
         actions: list[Action] = []
+        if self.drain_until is not None and ev.now >= self.drain_until:
+            self.drain_until = None
+            actions.append(Log("info", f"{self._name()}: drain_delay over: stops accepting"))
+            actions += self._leave(ev.now)
         if self.booting is not None:
             rec = self.generations[self.booting]
             if ev.now > rec.deadline:

@@ -9,7 +9,13 @@ import socket
 import sys
 
 from fcgi_engine.config.address import AddressError, UnixAddress, parse_address
-from fcgi_engine.config.settings import IdentityError, ServerConfig, resolve_allowed_addrs, run_as
+from fcgi_engine.config.settings import (
+    IdentityError,
+    ServerConfig,
+    loopback_only_warning,
+    resolve_allowed_addrs,
+    run_as,
+)
 from fcgi_engine.master.loop import REEXEC_ENV, MasterLoop, ReexecState
 from fcgi_engine.system import pidfile as pidfiles
 from fcgi_engine.system import sockets
@@ -129,13 +135,47 @@ def serve(cfg: ServerConfig, *, inherit_fd0: bool = False, daemon: bool = False)
     where = unix_path or sockets.describe(listener)
     log.info("%s: master %d listening on %s", cfg.name, os.getpid(), where)
     _log_peer_policy(cfg, listener)
+    status_path: str | None = None
+    status_listener = None
+    if cfg.status_listen:
+        try:
+            status_listener, status_path = open_status_listener(cfg.status_listen)
+        except StartError as exc:
+            _fail_early(ready_fd, str(exc))
+            listener.close()
+            if unix_path:
+                sockets.remove_unix_socket(unix_path, identity)
+            _cleanup(cfg, None, None, control_path)
+            return 1
     loop = MasterLoop(
-        cfg, listener, control_sock=control_sock, ready_fd=ready_fd, unix_path=unix_path
+        cfg,
+        listener,
+        control_sock=control_sock,
+        ready_fd=ready_fd,
+        unix_path=unix_path,
+        owns_listener=not inherit_fd0,
+        status_listener=status_listener,
     )
+    status_identity = sockets.unix_socket_identity(status_path) if status_path else None
     try:
         return loop.run()
     finally:
+        if status_path:
+            sockets.remove_unix_socket(status_path, status_identity)
         _cleanup(cfg, unix_path, identity, control_path)
+
+
+def open_status_listener(addr: str) -> tuple[socket.socket, str | None]:
+    """The status_listen socket (HTTP for orchestrators) and, when a unix socket, its path."""
+    try:
+        address = parse_address(addr, any_port=True)
+        sock = sockets.bind(address, 0o660)
+    except (OSError, ValueError) as exc:
+        raise StartError(f"cannot listen on status_listen {addr}: {exc}") from exc
+    sock.set_inheritable(False)
+    path = os.path.abspath(address.path) if isinstance(address, UnixAddress) else None
+    log.info("status_listen: /readyz, /livez and /status on %s", path or sockets.describe(sock))
+    return sock, path
 
 
 def _is_loopback(host: str) -> bool:
@@ -184,12 +224,12 @@ def _log_peer_policy(cfg: ServerConfig, listener: socket.socket) -> None:
         "%s: accepting TCP peers only from %s (%s)", cfg.name, ", ".join(allowed.entries), source
     )
     if allowed.source == "default" and not _is_loopback(host):
-        log.warning(
-            "%s: listening on %s but accepting loopback peers only: set allowed_addrs to the "
-            "web server's addresses (or any)",
-            cfg.name,
-            where,
+        # The same words `start` prints (config.settings), naming both ways to allow peers.
+        text = loopback_only_warning(cfg) or (
+            f"{cfg.name}: listening on {where} but accepting loopback peers only: set "
+            "allowed_addrs (or $FCGI_WEB_SERVER_ADDRS) to the web servers' addresses"
         )
+        log.warning("%s", text)
 
 
 def _serve_adopted(cfg: ServerConfig, state: ReexecState) -> int:
@@ -200,7 +240,18 @@ def _serve_adopted(cfg: ServerConfig, state: ReexecState) -> int:
         control_sock.set_inheritable(False)
     unix_path = state.unix_path
     identity = sockets.unix_socket_identity(unix_path) if unix_path else None
-    loop = MasterLoop(cfg, listener, control_sock=control_sock, unix_path=unix_path)
+    status_listener = None
+    if state.status_listen >= 0:
+        status_listener = socket.socket(fileno=state.status_listen)
+        status_listener.set_inheritable(False)
+    loop = MasterLoop(
+        cfg,
+        listener,
+        control_sock=control_sock,
+        unix_path=unix_path,
+        owns_listener=state.owns_listener,
+        status_listener=status_listener,
+    )
     try:
         return loop.run(adopted=state)
     finally:

@@ -180,11 +180,25 @@ class AsgiWorker(WorkerBase[_Conn, ASGIApp]):
             if self._draining and not self._drain_started:
                 self._drain_started = now
                 self._release_idle()
-            if self._draining and not self.conns:
+            nap = SWEEP_SECONDS
+            if self._serving_backlog:
+                # A stop serving the listen queue dry (worker_base._serve_backlog).
+                room = (
+                    len(self.conns) < self.settings.worker_connections
+                    and now >= self._accept_paused_until
+                )
+                backlog_wait = self._serve_backlog(now, room)
+                if backlog_wait is not None:
+                    nap = backlog_wait
+            if self._draining and not self.conns and not self._serving_backlog:
                 break
             self._update_listening()
+            if nap <= 0:
+                # Let the connection just taken start before taking the next.
+                await asyncio.sleep(0)
+                continue
             self._nap = loop.create_future()
-            timer = loop.call_later(SWEEP_SECONDS, _resolve, self._nap, None)
+            timer = loop.call_later(nap, _resolve, self._nap, None)
             try:
                 await self._nap
             finally:

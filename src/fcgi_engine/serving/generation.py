@@ -13,7 +13,10 @@ and recycles one that grew past it with the kind's retire signal: it finishes it
 hands its idle connections on, and its slot gets a fresh worker.
 
 Signals from the master: HUP drains with connection hand-off (a rollout), TERM drains and closes
-(a stop), QUIT/INT stop at once, USR1 reopens logs; the worker count comes as a `Resize` message.
+(a stop), QUIT/INT stop at once, USR1 reopens logs; the worker count comes as a `Resize` message,
+and a `Stop` message just before the TERM says whether the workers serve the listen queue dry
+first (the master made the listener refuse new connections). Once draining, the generation
+closes its own copy of the listener: it starts no more workers.
 
 Until every worker has proven itself, no worker takes a live request: the kind lets them go
 live only then, and the generation reports ready in the same step.
@@ -88,6 +91,8 @@ class Generation:
         # started after (replacements, a resize) start live.
         self.proven = False
         self.last_spawn = 0.0
+        # Set by the master's Stop message: the TERM that follows serves the queue dry.
+        self.serve_backlog = False
 
     def close_inherited(self) -> None:
         """In a forked worker: close what only the generation may use."""
@@ -121,6 +126,8 @@ class Generation:
             if isinstance(message, channel.Resize):
                 if self.state is State.SERVING:
                     self._resize(message.nproc)
+            elif isinstance(message, channel.Stop):
+                self.serve_backlog = message.serve_backlog
             else:
                 log.error("%s: ignored a %s message from the master", self.name, message)
         return True
@@ -174,7 +181,11 @@ class Generation:
         self.proven = True
         self.kind.go_live(self.slots)
         self.report(
-            channel.Ready(pids=[s.pid for s in self.slots], workers=self.kind.status(self.slots))
+            channel.Ready(
+                pids=[s.pid for s in self.slots],
+                workers=self.kind.status(self.slots),
+                health=self.kind.health_result,
+            )
         )
 
     def _settle(self) -> None:
@@ -207,7 +218,7 @@ class Generation:
         try:
             self.boot()
         except BootFailed as exc:
-            self.report(channel.Failed(error=str(exc)))
+            self.report(channel.Failed(error=str(exc), health=self.kind.health_result))
             return 1
         poller = select.poll()
         poller.register(self.wakeup.read_fd, select.POLLIN)
@@ -286,7 +297,10 @@ class Generation:
     def _begin_drain(self, signum: int, now: float, timeout: float) -> None:
         self.state = State.DRAINING
         self.drain = Drain(deadline=now + timeout)
-        self.kind.begin_drain(self.slots, signum)
+        self.kind.begin_drain(
+            self.slots, signum, serve_backlog=self.serve_backlog and signum == signal.SIGTERM
+        )
+        self.kind.close_listener()
 
     def _handle_signal(self, sig: int, now: float) -> None:
         if sig in (signal.SIGHUP, signal.SIGTERM):

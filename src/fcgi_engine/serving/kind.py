@@ -14,7 +14,7 @@ import socket
 from collections.abc import Sequence
 from typing import Protocol
 
-from fcgi_engine.channel import RequestCounts, WorkerInfo
+from fcgi_engine.channel import HealthResult, RequestCounts, WorkerInfo
 from fcgi_engine.serving.slots import Slot
 
 
@@ -44,6 +44,9 @@ class WorkerKind(Protocol):
     # After the workers start, a boot waits this long for one to die at once (a program that
     # cannot start), which fails the boot.
     settle_seconds: float
+    # The health check the boot made (path and status), for the master's rollout outcome;
+    # None when no health path is configured (or none was asked yet).
+    health_result: HealthResult | None
 
     def prove_release(self, deadline: float) -> None:
         """Before any worker starts: prove the release where no live request reaches it.
@@ -62,8 +65,16 @@ class WorkerKind(Protocol):
         """The signal to send this kind's workers for the generation's `signum`, or None when
         the kind has no use for it."""
 
-    def begin_drain(self, slots: Sequence[Slot], signum: int) -> None:
-        """Start draining (SIGHUP: hand idle connections on; SIGTERM: close them)."""
+    def begin_drain(
+        self, slots: Sequence[Slot], signum: int, *, serve_backlog: bool = False
+    ) -> None:
+        """Start draining (SIGHUP: hand idle connections on; SIGTERM: close them). With
+        `serve_backlog` (a stop whose listener refuses new connections), the workers accept
+        until the listen queue stays empty, then close their copies of the listener."""
+
+    def close_listener(self) -> None:
+        """Close the generation's own copy of the listening socket: it starts no more workers
+        (draining), and every copy must close for late connects to be refused."""
 
     def drain_step(self, slots: Sequence[Slot]) -> None:
         """Called while draining, about 20 times a second."""

@@ -5,11 +5,15 @@ of them takes a live request; then each is told to go live (SIGUSR2). A shared-m
 scoreboard tells the generation which worker is busy, on what, since when, whether it still
 makes progress (its heartbeat), and what it served (requests by status class and duration); the
 counts of workers that are gone are kept here, so the generation's totals never go backwards.
+
+A stop that serves the listen queue dry (begin_drain with serve_backlog) is told to the workers
+through one shared byte (`backlog_flag`), set before their SIGTERM: a signal carries no value.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import random
 import signal
@@ -20,7 +24,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from fcgi_engine.channel import CurrentRequest, RequestCounts, WorkerInfo
+from fcgi_engine.channel import CurrentRequest, HealthResult, RequestCounts, WorkerInfo
 from fcgi_engine.client import ClientError, get_values, request
 from fcgi_engine.config.boot import BootSpec
 from fcgi_engine.serving.kind import BootFailed, signal_workers
@@ -79,6 +83,9 @@ class PythonWorkers:
             socket.socket(fileno=spec.status_pass_fd) if spec.status_pass_fd >= 0 else None
         )
         self.board = Scoreboard(MAX_WORKERS)
+        # 1 once a stop asks the workers to serve the listen queue dry (shared with them).
+        self.backlog_flag = mmap.mmap(-1, 1)
+        self.health_result: HealthResult | None = None
         # The counts of the workers that are gone (their slots are reset for the next one).
         self.gone = RequestCounts.zero(len(STATUS_CLASSES), N_BUCKETS)
 
@@ -129,6 +136,7 @@ class PythonWorkers:
                 live=live,
                 access_fd=self.access_fd,
                 status_pass=self.status_pass,
+                backlog_flag=self.backlog_flag,
             )
             worker.install_signals()
             worker.run()
@@ -146,7 +154,9 @@ class PythonWorkers:
         health = self.server.health
         try:
             if health:
+                self.health_result = HealthResult(health, None)
                 response = request(private, health, keep_conn=True)
+                self.health_result = HealthResult(health, response.status)
                 if not 200 <= response.status < 300:
                     body = response.body[:2000].decode("utf-8", "replace")
                     raise BootFailed(
@@ -166,9 +176,15 @@ class PythonWorkers:
     def signal_for(self, signum: int) -> int | None:
         return signum
 
-    def begin_drain(self, slots: Sequence[Slot], signum: int) -> None:
+    def begin_drain(
+        self, slots: Sequence[Slot], signum: int, *, serve_backlog: bool = False
+    ) -> None:
         # The workers drain themselves: HUP hands idle connections on, TERM closes them.
+        self.backlog_flag[0] = 1 if serve_backlog else 0
         signal_workers(slots, signum)
+
+    def close_listener(self) -> None:
+        self.listener.close()
 
     def drain_step(self, slots: Sequence[Slot]) -> None:
         """The workers drain themselves."""

@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-from fcgi_engine.channel import RequestCounts, WorkerInfo
+from fcgi_engine.channel import HealthResult, RequestCounts, WorkerInfo
 from fcgi_engine.client import ClientError, request
 from fcgi_engine.config.address import TcpAddress, UnixAddress, parse_address
 from fcgi_engine.config.boot import BootSpec
@@ -120,6 +120,7 @@ class ProgramWorkers:
         # A program that cannot start dies at once: a boot waits this long to see that.
         self.settle_seconds = min(0.5, spec.server.boot_timeout / 2)
         self.terminated: set[int] = set()
+        self.health_result: HealthResult | None = None
 
     def _connection_inodes(self) -> set[str]:
         if isinstance(self.address, UnixAddress):
@@ -177,12 +178,14 @@ class ProgramWorkers:
                     raise BootFailed(f"{self.command[0]} exited with status {code} at start")
                 time.sleep(0.02)
             if self.health:
+                self.health_result = HealthResult(self.health, None)
                 try:
                     response = request(
                         path, self.health, timeout=max(0.1, deadline - time.monotonic())
                     )
                 except ClientError as exc:
                     raise BootFailed(f"health check {self.health}: {exc}") from None
+                self.health_result = HealthResult(self.health, response.status)
                 if not 200 <= response.status < 300:
                     raise BootFailed(
                         f"health check {self.health} answered {response.status} {response.reason}"
@@ -218,8 +221,17 @@ class ProgramWorkers:
             return None
         return signum
 
-    def begin_drain(self, slots: Sequence[Slot], signum: int) -> None:
+    def begin_drain(
+        self, slots: Sequence[Slot], signum: int, *, serve_backlog: bool = False
+    ) -> None:
+        # A program accepts on its own: it cannot be told to serve the queue dry first.
         self.drain_step(slots)
+
+    def close_listener(self) -> None:
+        try:
+            os.close(self.listen_fd)
+        except OSError:
+            pass
 
     def drain_step(self, slots: Sequence[Slot]) -> None:
         """Stop each program that holds no connection of ours: between requests.

@@ -11,7 +11,9 @@ A worker of a generation that is still proving itself neither accepts nor takes 
 connections: it serves only its private proof connection until the generation tells it to go
 live (SIGUSR2). Draining stops accepting, finishes the request in hand, and passes every idle
 keep-alive connection to the next generation through the hand-off socket instead of closing it
-under the web server's feet.
+under the web server's feet. A stop whose listener refuses new connections (worker_base's
+_serve_backlog) first accepts the listen queue dry, one connection at a time as it has room,
+then closes its copy of the listener.
 
 With `threads: N` > 1 the loop stays the only reader of connections; a complete request goes to
 one of N threads (each with its own response sink) and its connection leaves the epoll set
@@ -242,15 +244,28 @@ class Worker(WorkerBase[_Conn, WSGIApp]):
             if self._draining and not self._drain_started:
                 self._drain_started = True
                 self._release_idle()
-            if self._draining and not self.conns:
+            backlog_wait = None
+            if self._serving_backlog:
+                room = (
+                    len(self.conns) < self.settings.worker_connections
+                    and not (threads is not None and threads.full)
+                    and self._now >= self._accept_paused_until
+                )
+                backlog_wait = self._serve_backlog(time.monotonic(), room)
+                if not self._serving_backlog:
+                    listen_fd = -1  # closed: its number may come back as a connection's
+            if self._draining and not self.conns and not self._serving_backlog:
                 return
             self._update_listening()
+            wait = 0 if self.pending else SWEEP_SECONDS
+            if backlog_wait is not None:
+                wait = min(wait, backlog_wait)
             try:
                 if threads is not None and threads.full:
                     # Every thread busy: wait for one to finish (or a signal), read nothing.
                     events = threads.wait(SWEEP_SECONDS)
                 else:
-                    events = ep.poll(0 if self.pending else SWEEP_SECONDS)
+                    events = ep.poll(wait)
             except InterruptedError:
                 continue
             self._now = now = time.monotonic()

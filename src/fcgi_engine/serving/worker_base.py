@@ -42,6 +42,12 @@ SWEEP_SECONDS = 0.5
 # listener stays readable, and retrying at once would spin at full CPU.
 ACCEPT_BACKOFF = 0.5
 RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+# A stop serving the listen queue dry: the queue must stay empty this long before the worker
+# closes its copy of the listener. New connections are refused already; this covers a handshake
+# begun before that, whose last ACK is still on its way (one round trip on a LAN), so that it
+# is served rather than reset by the close.
+BACKLOG_QUIET = 0.1
+BACKLOG_POLL = 0.02
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,7 @@ class WorkerBase(Generic[ConnT, AppT]):
         live: bool = True,
         access_fd: int = -1,
         status_pass: socket.socket | None = None,
+        backlog_flag: Any = None,
     ) -> None:
         self.app = app
         # Where the app's errors (wsgi.errors) and tracebacks go.
@@ -125,6 +132,12 @@ class WorkerBase(Generic[ConnT, AppT]):
         self._listening = False
         self._draining = False
         self._handoff_on_drain = False
+        # A stop whose listener refuses new connections: the generation's shared byte says so
+        # (backlog_flag[0] == 1) before the TERM. Then the worker accepts until the queue stays
+        # empty for BACKLOG_QUIET, and closes its copy of the listener.
+        self._backlog_flag = backlog_flag
+        self._serving_backlog = False
+        self._backlog_empty_since: float | None = None
         self._reopen_logs = False
         self._accept_paused_until = 0.0
         self._parent = os.getppid()
@@ -202,6 +215,8 @@ class WorkerBase(Generic[ConnT, AppT]):
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
     def _on_term(self) -> None:
+        if not self._draining and self._backlog_flag is not None and self._backlog_flag[0] == 1:
+            self._serving_backlog = True
         self._draining = True
         self._poke()
 
@@ -239,6 +254,52 @@ class WorkerBase(Generic[ConnT, AppT]):
             if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                 return
             raise
+        self._take(fd, addr)
+
+    def _serve_backlog(self, now: float, room: bool) -> float | None:
+        """While a stop serves the listen queue dry: accept one queued connection (when there is
+        `room` to take one). Returns how long the loop may wait before calling again, or None
+        once the queue stayed empty for BACKLOG_QUIET and the worker closed its copy of the
+        listener (then it only finishes what it holds)."""
+        if not self._serving_backlog:
+            return None
+        if not room:
+            return SWEEP_SECONDS
+        before = len(self.conns)
+        took = self._accept_one()
+        if took:
+            self._backlog_empty_since = None
+            return 0.0
+        if len(self.conns) != before:
+            return 0.0
+        if self._backlog_empty_since is None:
+            self._backlog_empty_since = now
+        if now - self._backlog_empty_since < BACKLOG_QUIET:
+            return BACKLOG_POLL
+        self._serving_backlog = False
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+        return None
+
+    def _accept_one(self) -> bool:
+        """Accept one connection if one is queued (False when none is)."""
+        try:
+            fd, addr = self.listener._accept()  # type: ignore[attr-defined]
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            if exc.errno in RESOURCE_ERRORS:
+                self._out_of_resources(f"accept failed: {exc.strerror}")
+                return False
+            if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                return True
+            raise
+        self._take(fd, addr)
+        return True
+
+    def _take(self, fd: int, addr: Any) -> None:
         sock = socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
         allowed = self.options.allowed
         if allowed is not None and isinstance(addr, tuple) and not allowed.allows(addr[0]):

@@ -1,11 +1,15 @@
-"""Listening sockets: atomic unix bind with the final mode, TCP (IPv6 too), inherited fd 0."""
+"""Listening sockets: atomic unix bind with the final mode, TCP (IPv6 too), inherited fd 0, and
+refusing new connections on a listener whose queue must still be served (`refuse_new_connections`).
+"""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import socket
 import stat
+import struct
 
 from fcgi_engine.config.address import Address, TcpAddress, UnixAddress
 from fcgi_engine.system.pidfile import check_directory, describe_uid
@@ -178,3 +182,39 @@ def remove_unix_socket(path: str, identity: tuple[int, int] | None) -> None:
             os.unlink(path)
         except OSError:
             pass
+
+
+# Linux's SO_ATTACH_FILTER (the socket module does not name it).
+_SO_ATTACH_FILTER = 26
+# A classic BPF program run on every packet the listener receives (the TCP header at offset 0):
+# drop a SYN without ACK (a new connection), keep everything else, so that a handshake already
+# under way completes into the queue, where it is served, instead of being reset later.
+_DROP_NEW_CONNECTIONS = (
+    (0x30, 0, 0, 13),  # ldb [13]: the TCP flags
+    (0x54, 0, 0, 0x12),  # and #(SYN | ACK)
+    (0x15, 0, 1, 0x02),  # jeq #SYN: drop, else keep
+    (0x06, 0, 0, 0),  # ret #0: drop
+    (0x06, 0, 0, 0xFFFFFFFF),  # ret #-1: keep the whole packet
+)
+
+
+def refuse_new_connections(sock: socket.socket) -> bool:
+    """Make a TCP listener take no new connection while those queued can still be accepted.
+
+    New SYNs are dropped (by a socket filter, on the socket itself, so on every process's copy);
+    the client retransmits, and once every copy of the listener is closed its next SYN is
+    refused, which a web server retries on another upstream. Closing or shutting down a listener
+    instead would reset the connections queued in it, after they sent their request. False
+    when it could not be done (not TCP, or the kernel refused)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    program = b"".join(struct.pack("HBBI", *insn) for insn in _DROP_NEW_CONNECTIONS)
+    code = ctypes.create_string_buffer(program, len(program))
+    # struct sock_fprog: an unsigned short count, then a pointer to the instructions (the
+    # kernel copies them during the call, so `code` need only outlive it).
+    fprog = struct.pack("HP", len(_DROP_NEW_CONNECTIONS), ctypes.addressof(code))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+    except OSError:
+        return False
+    return True
