@@ -175,6 +175,38 @@ def test_no_request_is_lost_while_the_master_looks_for_status_requests(serve, re
     assert echoed == [digest] * 10
 
 
+def test_a_stop_serves_the_connections_the_master_took_from_the_queue(serve) -> None:
+    """TERM while the master holds, or has handed on, connections it took from a saturated
+    queue: they are part of the queue a stop serves, none is closed unanswered."""
+    server = serve(APP, f"--status-path={STATUS}", listen="127.0.0.1:0", nproc=1)
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def call(path: str) -> None:
+        try:
+            status = request(server.address, path, timeout=40).status
+        except OSError:
+            status = 0
+        with lock:
+            results.append(status)
+
+    slow = threading.Thread(target=call, args=("/slow?s=3",))
+    slow.start()
+    wait_for(lambda: server.status()["workers"][0]["state"] == "busy", 10, what="a busy worker")
+    queued = [threading.Thread(target=call, args=("/hello",)) for _ in range(8)]
+    for thread in queued:
+        thread.start()
+    wait_for(
+        lambda: page(server.address, timeout=3.0)["metrics"]["listen_queue"]["max"] >= 4,
+        10,
+        what="the master taking connections from the queue",
+    )
+    assert server.stop(signal.SIGTERM, timeout=30) == 0
+    for thread in [slow, *queued]:
+        thread.join(40)
+    assert sorted(results) == [200] * 9, results
+
+
 def test_the_listen_queue_is_measured_on_a_unix_socket(serve) -> None:
     server = serve(nproc=1)  # no status_path: the master never takes connections itself
 

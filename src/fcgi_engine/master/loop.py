@@ -966,7 +966,9 @@ class MasterLoop:
         shown = waiting + self.status_server.held() if waiting is not None else None
         self._execute(self.policy.handle(P.ListenQueueSampled(now, shown, limit)))
         if self.policy.accepting_stopped:
-            self._close_listener_when_served(waiting)
+            # The workers serve the queue now; connections the master took count as queued.
+            self._take_over(False)
+            self._close_listener_when_served(shown)
             return
         self.queue_waiting = self.queue_waiting + 1 if waiting else 0
         self._take_over(self.queue_waiting >= 2 and self._workers_all_busy())

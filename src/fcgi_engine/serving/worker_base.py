@@ -266,7 +266,9 @@ class WorkerBase(Generic[ConnT, AppT]):
         if not room:
             return SWEEP_SECONDS
         before = len(self.conns)
-        took = self._accept_one()
+        # The queue includes connections the master took from it while every worker was busy
+        # (to find status requests) and handed on through the hand-off socket.
+        took = self._accept_one() or (self.handoff_recv is not None and self._receive_handoff())
         if took:
             self._backlog_empty_since = None
             return 0.0
@@ -325,7 +327,8 @@ class WorkerBase(Generic[ConnT, AppT]):
             now,
         )
 
-    def _receive_handoff(self) -> None:
+    def _receive_handoff(self) -> bool:
+        """Take one handed-over connection, if one waits (True when one was taken)."""
         # One connection per wake-up, as with accept: a generation's worth of handed-over
         # keep-alive connections spreads over the new workers instead of piling on one.
         assert self.handoff_recv is not None
@@ -334,14 +337,15 @@ class WorkerBase(Generic[ConnT, AppT]):
         except OSError as exc:
             if exc.errno in RESOURCE_ERRORS:
                 self._out_of_resources(f"receiving a handed-over connection failed: {exc}")
-            return
+            return False
         if handed is None:
-            return
+            return False
         if handed.sock is None:
             # The kernel could not give us the descriptor (we are at our limit).
             self._out_of_resources("a handed-over connection was lost: no file descriptor left")
-            return
+            return True
         self._adopt(handed.sock, handed.leftover, handed.ended)
+        return True
 
     # ------------------------------------------------------------ the status request
 
