@@ -213,7 +213,7 @@ def test_check_opens_the_logs_as_the_user(cli_for, tmp: Path) -> None:
         ("127.0.0.1", [], "INFO t: accepting TCP peers only from 127.0.0.0/8, ::1 (no allowed_a"),
         ("127.0.0.1", ["--allowed-addrs", "10.0.0.5,10.1.0.0/16"], "only from 10.0.0.5, 10.1"),
         ("0.0.0.0", ["--allowed-addrs", "any"], "WARNING t: any host that reaches 0.0.0.0:"),
-        ("0.0.0.0", [], "WARNING t: listening on 0.0.0.0:"),
+        ("0.0.0.0", [], "WARNING t: listens on 0.0.0.0:"),
     ],
 )
 def test_master_says_which_tcp_peers_it_accepts(

@@ -49,7 +49,7 @@ from fcgi_engine.serving.body import ClientDisconnected
 from fcgi_engine.serving.scoreboard import InFlight
 from fcgi_engine.serving.worker import LINGER_SECONDS, RECV_SIZE, describe_peer
 from fcgi_engine.serving.worker_base import SWEEP_SECONDS, Phase, WorkerBase
-from fcgi_engine.serving.wsgi import ERROR_500, simple_response
+from fcgi_engine.serving.wsgi import ERROR_500, clip_to_length, simple_response
 
 log = logging.getLogger("fcgi_engine.worker")
 
@@ -780,14 +780,10 @@ class _Request:
                 raise RuntimeError("http.response.body before http.response.start")
             body = message.get("body", b"")
             more = message.get("more_body", False)
-            remaining = self.remaining
-            if remaining >= 0:
-                if len(body) >= remaining:
-                    if len(body) > remaining:
-                        self.excess += len(body) - remaining
-                        body = body[:remaining]
-                    more = False
-                self.remaining = remaining - len(body)
+            if self.remaining >= 0:
+                body, excess, complete, self.remaining = clip_to_length(body, self.remaining)
+                self.excess += excess
+                more = more and not complete
             if more:
                 if body or self.head is not None:
                     await self._stdout(body)

@@ -121,6 +121,15 @@ class _ResponseState:
         self.excess = 0  # body bytes the app sent past its Content-Length (dropped)
 
 
+def clip_to_length(data: Any, remaining: int) -> tuple[Any, int, bool, int]:
+    """A body chunk against the `remaining` bytes (>= 0) of a declared Content-Length: the part
+    to send, how many bytes past the length the app sent (its bug, logged), whether the chunk
+    completes the body (then the end records go out with it), and what remains after it."""
+    if len(data) < remaining:
+        return data, 0, False, remaining - len(data)
+    return data[:remaining], len(data) - remaining, True, 0
+
+
 def declared_length(headers: list[tuple[str, str]]) -> int:
     """The response's Content-Length, -1 when it has none (or not a number)."""
     for name, value in headers:
@@ -174,14 +183,10 @@ def run_app(
             state.sent = True
             prefix = state.head
             state.remaining = declared_length(state.headers)
-        remaining = state.remaining
-        if remaining >= 0:
-            if len(data) >= remaining:
-                if len(data) > remaining:
-                    state.excess += len(data) - remaining
-                    data = data[:remaining]
-                last = True
-            state.remaining = remaining - len(data)
+        if state.remaining >= 0:
+            data, excess, complete, state.remaining = clip_to_length(data, state.remaining)
+            state.excess += excess
+            last = last or complete
         if last:
             state.ended = True
             _finish_sliced(send_stdout, finish, prefix, data)
