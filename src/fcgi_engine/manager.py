@@ -353,9 +353,11 @@ def start(
 
     With `wait_ready`, a server counts as started only once its master reports it ready (an
     active generation proven, no stop or drain running), which also waits out a running server
-    that is still booting or draining. `wait_timeout` (seconds from the launch) replaces each
-    server's own start_timeout.
+    that is still booting or draining. `wait_timeout` bounds that wait, counted from the call
+    (checks included): a server not ready by then fails with the reason, and is left to go on
+    starting (it is not killed: the master itself gives up after boot_timeout).
     """
+    begun = time.monotonic()
     # Checks (a throw-away import each) and boots run side by side: as slow as the slowest.
     launches = _in_parallel(lambda server: _begin_start(config_path, server), servers)
     for launch in launches:
@@ -366,26 +368,35 @@ def start(
     started_at = time.monotonic()
     last_progress = started_at
 
-    def limit(server: ServerConfig) -> float:
-        return wait_timeout if wait_timeout is not None else start_timeout(server)
-
     def waiting() -> list[_Launch]:
         return [launch for launch in launches if launch.outcome is None or launch.unready]
 
     while waiting():
         for launch in waiting():
-            late = time.monotonic() - started_at > limit(launch.server)
+            now = time.monotonic()
+            if wait_timeout is not None:
+                late = now - begun > wait_timeout
+            else:
+                late = now - started_at > start_timeout(launch.server)
             if launch.outcome is None and launch.proc is not None:
                 if launch.proc.poll() is not None:
                     launch.outcome = _finish_start(launch)
                     launch.unready = wait_ready and launch.outcome.ok
-                elif late:
+                elif wait_timeout is not None and late:
+                    # Still booting its first generation: not ready in time, but started.
+                    launch.outcome = Outcome(
+                        launch.server.name,
+                        Code.FAILURE,
+                        f"not ready within {wait_timeout:g} s: its first generation is still "
+                        "booting (the server goes on starting)",
+                    )
+                elif now - started_at > start_timeout(launch.server):
                     launch.proc.kill()
                     launch.outcome = Outcome(
                         launch.server.name,
                         Code.FAILURE,
                         f"failed to start: no answer from the master within "
-                        f"{limit(launch.server):g} s",
+                        f"{start_timeout(launch.server):g} s",
                     )
             elif launch.unready and launch.outcome is not None:
                 launch.outcome, launch.unready = _await_ready(launch.server, launch.outcome, late)
