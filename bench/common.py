@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -162,3 +163,220 @@ def backend(cmd: list[str], sock: str) -> Iterator[subprocess.Popen]:  # type: i
             os.unlink(sock)
         except OSError:
             pass
+
+
+# ---------------------------------------------------------------- peers (issue 11)
+#
+# One nginx in front of whichever backend listens on {sock}, reached four ways: FastCGI with
+# an upstream keepalive pool (/fcgi-on/...), FastCGI one connection per request
+# (/fcgi-off/...), uWSGI's own protocol (/uwsgi/...) and HTTP (/http/..., proxy_pass, for
+# gunicorn). The params are nginx's stock fastcgi_params (= uwsgi_params) except SCRIPT_NAME
+# and PATH_INFO, which say the app is mounted at the root with the prefix taken off, so every
+# backend and protocol routes the same path the same way.
+
+_CGI_PARAMS = (
+    ("QUERY_STRING", "$query_string"),
+    ("REQUEST_METHOD", "$request_method"),
+    ("CONTENT_TYPE", "$content_type"),
+    ("CONTENT_LENGTH", "$content_length"),
+    ("SCRIPT_NAME", '""'),
+    ("PATH_INFO", "$1"),
+    ("REQUEST_URI", "$request_uri"),
+    ("DOCUMENT_URI", "$document_uri"),
+    ("DOCUMENT_ROOT", "$document_root"),
+    ("SERVER_PROTOCOL", "$server_protocol"),
+    ("REQUEST_SCHEME", "$scheme"),
+    ("HTTPS", "$https if_not_empty"),
+    ("GATEWAY_INTERFACE", "CGI/1.1"),
+    ("SERVER_SOFTWARE", "nginx/$nginx_version"),
+    ("REMOTE_ADDR", "$remote_addr"),
+    ("REMOTE_PORT", "$remote_port"),
+    ("SERVER_ADDR", "$server_addr"),
+    ("SERVER_PORT", "$server_port"),
+    ("SERVER_NAME", "$server_name"),
+)
+
+
+def _params(directive: str) -> str:
+    # Doubled braces: the result is part of a str.format template.
+    return " ".join(f"{directive} {name} {value};" for name, value in _CGI_PARAMS)
+
+
+NGINX_PEERS = (
+    NGINX_HEAD
+    + """\
+  client_max_body_size 0;
+  upstream pooled {{ server unix:{sock}; keepalive 32; }}
+  upstream single {{ server unix:{sock}; }}
+  server {{ listen 127.0.0.1:{port};
+    location ~ ^/fcgi-on(/.*)$ {{ PARAMS_FCGI fastcgi_pass pooled; fastcgi_keep_conn on; }}
+    location ~ ^/fcgi-off(/.*)$ {{ PARAMS_FCGI fastcgi_pass single; }}
+    location ~ ^/uwsgi(/.*)$ {{ PARAMS_UWSGI uwsgi_pass single; }}
+    location /http/ {{ proxy_pass http://pooled/; proxy_http_version 1.1;
+      proxy_set_header Connection ""; proxy_set_header Host $host; }}
+  }}
+}}
+""".replace("PARAMS_FCGI", _params("fastcgi_param")).replace("PARAMS_UWSGI", _params("uwsgi_param"))
+)
+
+# Debian's uWSGI embeds Debian's python3; this puts the benchmark interpreter's packages
+# (Flask, Django, ...) first on its path, so both sides run the very same app code.
+SITE_PACKAGES = next(p for p in __import__("sys").path if p.endswith("site-packages"))
+
+
+def peer_command(
+    peer: str,
+    sock: str,
+    nproc: int,
+    chdir: str,
+    module: str,
+    callable_name: str = "application",
+    python: str = "",
+    extra: tuple[str, ...] = (),
+) -> list[str]:
+    """The command serving the WSGI app `module:callable_name` (importable from `chdir`) on
+    the unix socket `sock` with `nproc` processes, for `peer`: fcgi-engine (FastCGI),
+    uwsgi-fcgi (uWSGI's FastCGI mode), uwsgi (uWSGI's own protocol), gunicorn (sync, HTTP).
+    fcgi-engine and gunicorn run on `python` (default: this interpreter); `extra` is added
+    to the command line."""
+    import sys
+
+    python = python or sys.executable
+
+    if peer == "fcgi-engine":
+        return [
+            python,
+            "-m",
+            "fcgi_engine",
+            "serve",
+            f"{module}:{callable_name}",
+            "--listen",
+            sock,
+            "--nproc",
+            str(nproc),
+            "--chdir",
+            chdir,
+            *extra,
+        ]
+    if peer in ("uwsgi-fcgi", "uwsgi"):
+        return [
+            "uwsgi",
+            "--plugin",
+            "python3",
+            "--fastcgi-socket" if peer == "uwsgi-fcgi" else "--socket",
+            sock,
+            "--chdir",
+            chdir,
+            "--pythonpath",
+            chdir,
+            "--pythonpath",
+            SITE_PACKAGES,
+            "--module",
+            f"{module}:{callable_name}",
+            "--processes",
+            str(nproc),
+            "--master",
+            "--disable-logging",
+            "--chmod-socket=666",
+            "--die-on-term",
+            *extra,
+        ]
+    if peer == "gunicorn":
+        return [
+            python,
+            "-m",
+            "gunicorn",
+            "--workers",
+            str(nproc),
+            "--worker-class",
+            "sync",
+            "--chdir",
+            chdir,
+            "--bind",
+            f"unix:{sock}",
+            *extra,
+            f"{module}:{callable_name}",
+        ]
+    raise ValueError(f"unknown peer {peer}")
+
+
+def peer_prefix(peer: str, keep_conn: bool = True) -> str:
+    """The nginx path prefix (in NGINX_PEERS) that reaches `peer`."""
+    if peer == "uwsgi":
+        return "/uwsgi"
+    if peer == "gunicorn":
+        return "/http"
+    return "/fcgi-on" if keep_conn else "/fcgi-off"
+
+
+def workers_of(root: int, timeout: float = 20.0, count: int = 0) -> list[int]:
+    """The leaf processes under `root` (the workers of every backend here), once there are
+    at least `count` of them and the set has not changed for a second (an fcgi-engine
+    generation is itself a leaf until it forks its workers); waits up to `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: list[int] = []
+    since = time.monotonic()
+    while True:
+        pids = tree(root)
+        parents = {_ppid(pid) for pid in pids}
+        leaves = sorted(pid for pid in pids if pid != root and pid not in parents)
+        if leaves != last:
+            last, since = leaves, time.monotonic()
+        elif len(leaves) >= count and time.monotonic() - since >= 1.0:
+            return leaves
+        if time.monotonic() > deadline:
+            return leaves
+        time.sleep(0.1)
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def median(values: list[float]) -> float:
+    """The median (the mean of the middle two for an even count)."""
+    ordered = sorted(values)
+    return (
+        ordered[len(ordered) // 2]
+        if len(ordered) % 2
+        else sum(ordered[len(ordered) // 2 - 1 : len(ordered) // 2 + 1]) / 2
+    )
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    """Wait until something listens on 127.0.0.1:`port` (nginx after nginx_front starts it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listened on port {port}")
+
+
+def socket_dir() -> str:
+    """A fresh directory nginx (which may run as another user) can reach a socket in."""
+    d = tempfile.mkdtemp(prefix="fe-bench-sock-")
+    os.chmod(d, 0o755)
+    return d
+
+
+DEBIAN_PYTHON = "/usr/bin/python3"
+
+
+def use_python(python: str) -> str:
+    """Run fcgi-engine and gunicorn on `python` ("debian": Debian's /usr/bin/python3, the
+    build uWSGI embeds; "" or "this": this interpreter), with this checkout's src and this
+    interpreter's packages on its path. Returns the interpreter's path."""
+    import sys
+
+    if python in ("", "this"):
+        return sys.executable
+    path = DEBIAN_PYTHON if python == "debian" else python
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    os.environ["PYTHONPATH"] = os.pathsep.join([src, SITE_PACKAGES])
+    return path
