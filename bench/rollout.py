@@ -1,6 +1,13 @@
 """Rollouts under load: fcgi-engine against uWSGI's reload and chain reload, same run.
 
     python3 bench/rollout.py [--seconds 20] [--every 3] [--keep-conn on|off|both]
+    python3 bench/rollout.py --only fcgi-engine --boot-nice 0 10 19 --runs 5
+
+--boot-nice runs fcgi-engine once per value (FCGI_ENGINE_BOOT_NICE: the autogroup nice a booting
+generation runs at; 0 is normal priority), alternating within each of --runs rounds, and ends
+with each value's worst-window ratios. --profile shows where the dip falls: the rate in 0.25 s
+slices around a rollout. --import-work cpu makes the import compute for 1 s of CPU time (a big
+framework) instead of sleeping 1 s (a slow service).
 
 8 keep-alive clients through nginx for SECONDS, a rollout every EVERY seconds to a new release
 (behind a switched `current` symlink) of an app that sleeps 1 s at import. Reports failed
@@ -12,6 +19,7 @@ and (for the peers) uwsgi with uwsgi-plugin-python3. Loopback and unix sockets o
 from __future__ import annotations
 
 import argparse
+import bisect
 import http.client
 import os
 import shutil
@@ -28,7 +36,7 @@ from common import NGINX, stop_group
 
 APP = """
 import time
-time.sleep(1.0)
+{import_work}
 VERSION = "{version}"
 
 
@@ -40,13 +48,20 @@ def application(environ, start_response):
 """
 
 
+PROFILE_BIN = 0.25
+# What the app's import does for its 1 s: wait (a slow service), or compute (a big framework:
+# 1 s of CPU time, as a Django project's import can take).
+IMPORT_WORK = {
+    "sleep": "time.sleep(1.0)",
+    "cpu": "t = time.process_time()\nwhile time.process_time() - t < 1.0:\n    pass",
+}
 PERL_ENGINE = Path(__file__).resolve().parent / "perl_engine.pl"
 
 
-def release(site: Path, n: int) -> None:
+def release(site: Path, n: int, import_work: str = "sleep") -> None:
     rel = site / "releases" / str(n)
     rel.mkdir(parents=True)
-    (rel / "app.py").write_text(APP.format(version=f"v{n}"))
+    (rel / "app.py").write_text(APP.format(version=f"v{n}", import_work=IMPORT_WORK[import_work]))
     # The same release for Perl FCGI::Engine: its script with the version in it.
     perl = PERL_ENGINE.read_text().replace("$ENV{HELLO_VERSION};", f"'v{n}';", 1)
     (rel / "app.pl").write_text(perl.replace("$ENV{BOOT_SECONDS} || 0", "1", 1))
@@ -111,7 +126,16 @@ def summarise(load: Load, rollouts: list[tuple[float, str]], started: float) -> 
     for t, version in sorted(load.ok):
         first_seen.setdefault(version, t)
     takeover = [first_seen[v] - at for at, v in rollouts if v in first_seen]
+    # Where the dip falls: throughput in PROFILE_BIN slices around each rollout (from 0.5 s
+    # before it), against the median rate, averaged over the rollouts.
+    bins = int(3.5 / PROFILE_BIN)
+    profile = [0.0] * bins
+    for at, _version in rollouts:
+        for t in times[bisect.bisect_left(times, at - 0.5) : bisect.bisect_left(times, at + 3.0)]:
+            profile[min(int((t - at + 0.5) / PROFILE_BIN), bins - 1)] += 1
+    per_bin = median * PROFILE_BIN * max(len(rollouts), 1)
     return {
+        "profile": [round(n / per_bin, 2) if per_bin else 0 for n in profile],
         "ok": len(load.ok),
         "failed": len(load.failed),
         "max_gap_ms": max(gaps) * 1000 if gaps else 0,
@@ -122,10 +146,18 @@ def summarise(load: Load, rollouts: list[tuple[float, str]], started: float) -> 
     }
 
 
-def run_one(name: str, d: Path, port: int, mode: str, seconds: float, every: float) -> dict:
-    site = d / f"site-{name}-{mode}"
-    site.mkdir()
-    release(site, 1)
+def run_one(
+    name: str,
+    d: Path,
+    port: int,
+    mode: str,
+    seconds: float,
+    every: float,
+    boot_nice: int | None = None,
+    import_work: str = "sleep",
+) -> dict:
+    site = Path(tempfile.mkdtemp(prefix=f"site-{name}-{mode}-", dir=d))
+    release(site, 1, import_work)
     sock = d / "app.sock"
     perl_conf = d / "perl-engine.yml"
     if name == "perl-fcgi-engine":
@@ -184,8 +216,11 @@ def run_one(name: str, d: Path, port: int, mode: str, seconds: float, every: flo
         ]
         if name == "uwsgi-chain":
             cmd.append("--lazy-apps")
+    env = dict(os.environ)
+    if boot_nice is not None:
+        env["FCGI_ENGINE_BOOT_NICE"] = str(boot_nice)
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env
     )
     try:
         deadline = time.monotonic() + 30
@@ -200,7 +235,7 @@ def run_one(name: str, d: Path, port: int, mode: str, seconds: float, every: flo
         while time.monotonic() + every < load.stop_at:
             time.sleep(every)
             n += 1
-            release(site, n)
+            release(site, n, import_work)
             rollouts.append((time.monotonic(), f"v{n}"))
             if name == "fcgi-engine":
                 os.kill(proc.pid, signal.SIGHUP)
@@ -227,6 +262,10 @@ def main() -> int:
     parser.add_argument("--every", type=float, default=3.0)
     parser.add_argument("--keep-conn", choices=["on", "off", "both"], default="both")
     parser.add_argument("--only", nargs="*")
+    parser.add_argument("--boot-nice", type=int, nargs="*", default=[])
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--profile", action="store_true", help="show where the dip falls")
+    parser.add_argument("--import-work", choices=sorted(IMPORT_WORK), default="sleep")
     args = parser.parse_args()
     d = Path(tempfile.mkdtemp(prefix="fe-roll-"))
     port = 19000 + os.getpid() % 1000
@@ -237,31 +276,58 @@ def main() -> int:
     )
     nginx = subprocess.Popen(["nginx", "-c", str(d / "nginx.conf"), "-p", str(d)])
     modes = ["off", "on"] if args.keep_conn == "both" else [args.keep_conn]
+    variants: list[tuple[str, int | None]] = []
+    for name in ("fcgi-engine", "perl-fcgi-engine", "uwsgi-reload", "uwsgi-chain"):
+        if args.only and name not in args.only:
+            continue
+        if name.startswith("uwsgi") and not shutil.which("uwsgi"):
+            continue
+        if (
+            name.startswith("perl")
+            and subprocess.run(
+                ["perl", "-MFCGI::Engine::Manager", "-e1"], capture_output=True
+            ).returncode
+        ):
+            continue
+        if name == "fcgi-engine" and args.boot_nice:
+            variants += [(name, nice) for nice in args.boot_nice]
+        else:
+            variants.append((name, None))
+    ratios: dict[tuple[str, int | None, str], list[float]] = {}
     try:
-        for name in ("fcgi-engine", "perl-fcgi-engine", "uwsgi-reload", "uwsgi-chain"):
-            if args.only and name not in args.only:
-                continue
-            if name.startswith("uwsgi") and not shutil.which("uwsgi"):
-                continue
-            if (
-                name.startswith("perl")
-                and subprocess.run(
-                    ["perl", "-MFCGI::Engine::Manager", "-e1"], capture_output=True
-                ).returncode
-            ):
-                continue
-            for mode in modes:
-                r = run_one(name, d, port, mode, args.seconds, args.every)
+        for _round in range(args.runs):
+            for name, nice in variants:
+                for mode in modes:
+                    r = run_one(
+                        name, d, port, mode, args.seconds, args.every, nice, args.import_work
+                    )
+                    label = name if nice is None else f"{name} nice {nice}"
+                    took = r["takeover_s"]
+                    ratios.setdefault((name, nice, mode), []).append(r["worst_window_ratio"])
+                    print(
+                        f"{label:13s} keep_conn {mode:3s}: {r['ok']:7d} ok, "
+                        f"{r['failed']:4d} failed, longest gap {r['max_gap_ms']:7.1f} ms, "
+                        f"worst 1-s window {r['worst_window_ratio']:.2f} of median, "
+                        f"new version serving after {took if took is None else round(took, 2)}"
+                        f" s ({r['rolled_out']} rollouts)",
+                        flush=True,
+                    )
+                    if args.profile:
+                        print(
+                            f"    rate around a rollout, {PROFILE_BIN:g} s bins from -0.5 s: "
+                            + " ".join(f"{v:.2f}" for v in r["profile"])
+                        )
+                    for failure in r["failures"]:
+                        print(f"    failure: {failure}")
+        if args.runs > 1:
+            for (name, nice, mode), values in ratios.items():
+                label = name if nice is None else f"{name} nice {nice}"
                 print(
-                    f"{name:13s} keep_conn {mode:3s}: {r['ok']:7d} ok, {r['failed']:4d} failed,"
-                    f" longest gap {r['max_gap_ms']:7.1f} ms, worst 1-s window "
-                    f"{r['worst_window_ratio']:.2f} of median, new version serving after "
-                    f"{r['takeover_s'] if r['takeover_s'] is None else round(r['takeover_s'], 2)}"
-                    f" s ({r['rolled_out']} rollouts)",
-                    flush=True,
+                    f"{label} keep_conn {mode}: worst 1-s window "
+                    f"{' '.join(f'{v:.2f}' for v in values)}; median "
+                    f"{statistics.median(values):.2f}; >= 0.85 in "
+                    f"{sum(v >= 0.85 for v in values)} of {len(values)}"
                 )
-                for failure in r["failures"]:
-                    print(f"    failure: {failure}")
     finally:
         nginx.send_signal(signal.SIGQUIT)
         nginx.wait(10)

@@ -16,6 +16,7 @@ received but not yet parsed.
 
 from __future__ import annotations
 
+import array
 import socket
 from dataclasses import dataclass
 
@@ -54,8 +55,11 @@ def send_connection(channel: socket.socket, fd: int, ended: list[int], leftover:
 def offer_connection(channel: socket.socket, fd: int, ended: list[int], leftover: bytes) -> bool:
     """Pass the connection `fd` on without waiting: False when the hand-off socket is full
     (the caller keeps the connection and may try again). Raises OSError on other failures."""
+    # sendmsg itself: Python 3.11's socket.send_fds drops its flags (MSG_DONTWAIT), and a full
+    # hand-off socket would then block the caller (the master, or a stealer holding its lock).
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
     try:
-        socket.send_fds(channel, [encode_handoff(ended, leftover)], [fd], socket.MSG_DONTWAIT)
+        channel.sendmsg([encode_handoff(ended, leftover)], rights, socket.MSG_DONTWAIT)
     except (BlockingIOError, InterruptedError):
         return False
     return True

@@ -776,3 +776,140 @@ def test_slowlog_shows_a_task_that_blocks_the_loop_down_to_its_sync_calls() -> N
         runner.join(TIMEOUT)
     assert ", in blocking_view\n" in stack and ", in blocking_helper\n" in stack
     assert stack.index("in blocking_view") < stack.index("in blocking_helper")
+
+
+# ---------------------------------------------------------------- work stealing (issue 11)
+
+
+class HeldOnce:
+    """/hold waits on a gate the test opens; every other path answers at once."""
+
+    def __init__(self) -> None:
+        self.opened = threading.Event()
+        self.holding = threading.Event()
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        if environ["PATH_INFO"] == "/hold":
+            self.holding.set()
+            self.opened.wait(2 * TIMEOUT)
+        return hello(environ, start_response)
+
+
+def send_request(sock: socket.socket, path: str, request_id: int) -> None:
+    sock.sendall(encode_request(request_id, build_params(path=path), keep_conn=True))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_request_behind_a_busy_worker_is_served_by_an_idle_one(
+    tmp_path: Path, threads: int
+) -> None:
+    """Worker A holds kept-alive connections; while every request it can run waits on the
+    gate, a request sent on another of its connections is answered by worker B (it takes it
+    from the hand-off socket), and the connection stays alive there."""
+    handoff_send, handoff_recv = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    address = str(tmp_path / "w.sock")
+    app = HeldOnce()
+    options = worker_options(threads=threads)
+    with handoff_send, handoff_recv, listening(tmp_path / "w.sock") as listener:
+        busy = make_worker(
+            listener, app, options=options, handoff_send=handoff_send, handoff_recv=handoff_recv
+        )
+        idle = make_worker(
+            listener, app, options=options, handoff_send=handoff_send, handoff_recv=handoff_recv
+        )
+        socks = [connect(address, TIMEOUT) for _ in range(threads + 1)]
+        try:
+            with running(busy):
+                # Worker A alone: it accepts every connection.
+                for i, sock in enumerate(socks):
+                    assert request(sock, f"/first/{i}", keep_conn=True).status == 200
+                with running(idle):
+                    for sock in socks[:threads]:
+                        send_request(sock, "/hold", 2)
+                    poll(lambda: app.holding.is_set(), "the held request to start")
+                    if threads > 1:
+                        poll(lambda: busy._threads.full, "every thread of A busy")  # type: ignore[union-attr]
+                    behind = request(socks[-1], "/behind", keep_conn=True, request_id=2)
+                    assert (behind.status, behind.body) == (200, b"hello /behind\n")
+                    assert not app.opened.is_set()
+                    assert busy.given_away == 1
+                    assert idle.requests == 1
+                    # The connection lives on in B.
+                    again = request(socks[-1], "/again", keep_conn=True, request_id=3)
+                    assert (again.status, again.body) == (200, b"hello /again\n")
+                    assert idle.requests == 2
+                    app.opened.set()
+                    for sock in socks[:threads]:
+                        held = Exchange(sock, 2).read_response()
+                        assert (held.status, held.body) == (200, b"hello /hold\n")
+        finally:
+            app.opened.set()
+            for sock in socks:
+                sock.close()
+
+
+def test_a_worker_that_is_not_live_takes_no_connection_given_away(tmp_path: Path) -> None:
+    """A generation still proving itself takes nothing: the request waits for the busy worker
+    (A gives its connection away, B leaves it in the hand-off socket; A takes it back)."""
+    handoff_send, handoff_recv = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    address = str(tmp_path / "w.sock")
+    app = HeldOnce()
+    with handoff_send, handoff_recv, listening(tmp_path / "w.sock") as listener:
+        busy = make_worker(listener, app, handoff_send=handoff_send, handoff_recv=handoff_recv)
+        unproven = make_worker(
+            listener, app, handoff_send=handoff_send, handoff_recv=handoff_recv, live=False
+        )
+        socks = [connect(address, TIMEOUT) for _ in range(2)]
+        try:
+            with running(busy):
+                for i, sock in enumerate(socks):
+                    assert request(sock, f"/first/{i}", keep_conn=True).status == 200
+                with running(unproven):
+                    send_request(socks[0], "/hold", 2)
+                    poll(lambda: app.holding.is_set(), "the held request to start")
+                    send_request(socks[1], "/behind", 2)
+                    poll(lambda: busy.given_away == 1, "the waiting connection given away")
+                    app.opened.set()
+                    behind = Exchange(socks[1], 2).read_response()
+                    assert (behind.status, behind.body) == (200, b"hello /behind\n")
+                    assert unproven.requests == 0
+                    assert busy.requests == 4
+        finally:
+            app.opened.set()
+            for sock in socks:
+                sock.close()
+
+
+def test_a_full_hand_off_socket_keeps_the_connection_with_its_worker(tmp_path: Path) -> None:
+    """No room to give a waiting connection away: the busy worker keeps it (nothing is lost
+    or closed) and serves it once its app call ends."""
+    handoff_send, handoff_recv = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    address = str(tmp_path / "w.sock")
+    app = HeldOnce()
+    with handoff_send, handoff_recv, listening(tmp_path / "w.sock") as listener:
+        busy = make_worker(listener, app, handoff_send=handoff_send, handoff_recv=handoff_recv)
+        socks = [connect(address, TIMEOUT) for _ in range(2)]
+        try:
+            with running(busy):
+                for i, sock in enumerate(socks):
+                    assert request(sock, f"/first/{i}", keep_conn=True).status == 200
+                send_request(socks[0], "/hold", 2)
+                poll(lambda: app.holding.is_set(), "the held request to start")
+                # Fill the hand-off socket (empty datagrams carry no connection).
+                while True:
+                    try:
+                        handoff_send.send(b"", socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        break
+                send_request(socks[1], "/behind", 2)
+                poll(lambda: busy._stealer.steals >= 2, "the stealer to try twice")  # type: ignore[union-attr]
+                assert busy.given_away == 0
+                app.opened.set()
+                for sock, path in zip(socks, ("/hold", "/behind"), strict=True):
+                    answer = Exchange(sock, 2).read_response()
+                    assert (answer.status, answer.body) == (200, f"hello {path}\n".encode())
+                assert busy.requests == 4
+        finally:
+            app.opened.set()
+            for sock in socks:
+                sock.close()

@@ -2,8 +2,10 @@
 to boot by the BootSpec in $FCGI_ENGINE_GENERATION; and what the manager runs to check an app:
 `python -m fcgi_engine.serving --check SPEC [--log PATH ...]`.
 
-It switches to the configured user before any app code is imported, imports the app once (for
-Python workers), and runs a Generation composed with the worker kind the server needs.
+It lowers its CPU priority for the boot where $FCGI_ENGINE_BOOT_NICE asks
+(generation.BootPriority, opened before the user switch), switches to the configured user
+before any app code is imported, imports the app once (for Python workers), and runs a
+Generation composed with the worker kind the server needs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import traceback
 from fcgi_engine import channel
 from fcgi_engine.config.boot import ENV_KEY, BootSpec
 from fcgi_engine.config.settings import IdentityError, run_as
-from fcgi_engine.serving.generation import Generation
+from fcgi_engine.serving.generation import BootPriority, Generation
 from fcgi_engine.serving.kind import WorkerKind
 from fcgi_engine.serving.loader import AppLoadError, load_app, resolve_interface
 from fcgi_engine.serving.prefork import PythonWorkers, open_access_log
@@ -73,6 +75,9 @@ def boot(spec: BootSpec, master: socket.socket) -> int:
         return 1
 
     server = spec.server
+    # Opened while we may still be root; restored when proven, or half-way to boot_timeout.
+    priority = BootPriority.lower()
+    priority.restore_after(server.boot_timeout / 2)
     try:
         drop_privileges(server.user, server.group)
     except (IdentityError, KeyError, OSError) as exc:
@@ -112,6 +117,7 @@ def boot(spec: BootSpec, master: socket.socket) -> int:
         boot_timeout=server.boot_timeout,
         graceful_timeout=server.graceful_timeout,
         max_memory=server.max_memory,
+        priority=priority,
     )
     return generation.run()
 

@@ -20,15 +20,33 @@ closes its own copy of the listener: it starts no more workers.
 
 Until every worker has proven itself, no worker takes a live request: the kind lets them go
 live only then, and the generation reports ready in the same step.
+
+A booting generation can run at a lower CPU priority (BootPriority; $FCGI_ENGINE_BOOT_NICE, off
+by default: see BOOT_NICE) until it is proven, so that its interpreter start and app import
+take less of the cores the serving generation uses during a rollout. The lever is the Linux
+autogroup: the master starts every generation in a session of its own, and with
+sched_autogroup_enabled the scheduler shares the CPU between sessions first; a process's own
+nice value only counts inside its session, where the importing generation is alone. The
+autogroup's nice is raised for the boot and set back to 0 once the generation is proven (its
+workers, in the same session, then serve at normal weight). Raising it and setting it back to
+0 needs no privilege (only a negative value does), so a master that is not root works the
+same; it is written through a descriptor opened before any user switch, because after setuid
+the process is no longer dumpable and /proc/self/autogroup belongs to root. Where autogroups
+do not apply (disabled, or the master runs in a cpu cgroup of its own, as a systemd service
+with the cpu controller does), the write changes nothing and the boot competes as before. An
+import that takes more than half of boot_timeout goes back to normal priority, so a saturated
+machine still boots it.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
 import signal
 import socket
+import threading
 import time
 from dataclasses import replace
 from typing import Any
@@ -57,6 +75,80 @@ FAST_STOP_SECONDS = 2.0
 # Often enough that the status page and its request rate are fresh.
 STATUS_INTERVAL = 0.5
 MEMORY_CHECK_INTERVAL = 1.0
+# The autogroup nice of a booting generation, by default none: on a saturated machine a lower
+# weight only stretches the import's CPU over more time (nice 10: a 1 s CPU import served after
+# 13-16 s instead of 4 s) and the worst 1-s window of bench/rollout.py did not improve at nice
+# 5 or 10 (its dip follows the switch-over, not the import): bench/RESULTS.md, issue 11 item 5.
+BOOT_NICE = 0
+# Overrides BOOT_NICE (0-19): e.g. 5 gives a booting generation about a third of a serving
+# session's CPU weight while the machine is busy, and costs nothing while it is idle.
+BOOT_NICE_ENV = "FCGI_ENGINE_BOOT_NICE"
+AUTOGROUP = "/proc/self/autogroup"
+
+
+class BootPriority:
+    """The booting generation's lower CPU priority (its session's autogroup nice): lowered
+    from the start, restored once it is proven (or once its import outlasts a deadline)."""
+
+    def __init__(self, nice: int) -> None:
+        self.nice = nice
+        self.fd = -1
+        self.lowered = False
+        self.timer: threading.Timer | None = None
+
+    @classmethod
+    def lower(cls, nice: int | None = None) -> BootPriority:
+        """Lower this session's priority now (before any user switch: see the module doc)."""
+        if nice is None:
+            try:
+                nice = int(os.environ.get(BOOT_NICE_ENV, BOOT_NICE))
+            except ValueError:
+                nice = BOOT_NICE
+        priority = cls(max(0, min(nice, 19)))
+        if priority.nice:
+            try:
+                priority.fd = os.open(AUTOGROUP, os.O_WRONLY | os.O_CLOEXEC)
+                os.write(priority.fd, str(priority.nice).encode())
+                priority.lowered = True
+            except OSError as exc:
+                # No autogroups in this kernel, or not ours to write: boot at normal priority.
+                log.debug("boot priority unchanged: %s", exc)
+                priority.close()
+        return priority
+
+    def restore_after(self, seconds: float) -> None:
+        """Restore at the latest `seconds` from now, even while the import runs."""
+        if self.lowered:
+            self.timer = threading.Timer(seconds, self.restore)
+            self.timer.daemon = True
+            self.timer.start()
+
+    def stop_timer(self) -> None:
+        """Before forking workers: no thread may be running across a fork."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer.join()
+            self.timer = None
+
+    def restore(self) -> bool:
+        """Back to normal priority; False when the kernel asks to retry (EAGAIN: without
+        CAP_SYS_ADMIN, one autogroup change per 0.1 s, machine-wide): call again later."""
+        if not self.lowered:
+            return True
+        try:
+            os.write(self.fd, b"0")
+        except OSError as exc:
+            if exc.errno == errno.EAGAIN:
+                return False
+            log.debug("boot priority not restored: %s", exc)
+        self.lowered = False
+        self.close()
+        return True
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class Generation:
@@ -71,6 +163,7 @@ class Generation:
         boot_timeout: float,
         graceful_timeout: float,
         max_memory: int = 0,
+        priority: BootPriority | None = None,
     ) -> None:
         self.name = name
         self.number = number
@@ -80,6 +173,7 @@ class Generation:
         self.boot_timeout = boot_timeout
         self.graceful_timeout = graceful_timeout
         self.max_memory = max_memory
+        self.priority = priority or BootPriority(0)
         self.restarts = dict.fromkeys(channel.RESTART_CAUSES, 0)
         self.slots: list[Slot] = []
         self.state = State.SERVING
@@ -98,6 +192,7 @@ class Generation:
         """In a forked worker: close what only the generation may use."""
         self.master.close()
         self.wakeup.close()
+        self.priority.close()
 
     # ------------------------------------------------------------ the master
 
@@ -151,6 +246,7 @@ class Generation:
         """Prove the release, start the workers, prove each where the kind does; report ready.
         Raises BootFailed (the workers started are killed)."""
         deadline = time.monotonic() + self.boot_timeout
+        self.priority.stop_timer()
         try:
             self.kind.prove_release(deadline)
             self.proven = not self.kind.proves_each_worker
@@ -177,8 +273,9 @@ class Generation:
         except BootFailed:
             self._signal_workers(signal.SIGKILL)
             raise
-        # Proven, all of them: only now may any of them take a live request.
+        # Proven, all of them: only now may any of them take a live request, at full weight.
         self.proven = True
+        self.priority.restore()
         self.kind.go_live(self.slots)
         self.report(
             channel.Ready(
@@ -225,9 +322,12 @@ class Generation:
         poller.register(self.master.fileno(), select.POLLIN)
         last_status = last_memory_check = 0.0
         while True:
-            poller.poll(250 if self.state is State.SERVING else 50)
+            # A restore the kernel deferred (EAGAIN) is retried soon: the workers serve meanwhile.
+            poller.poll(20 if self.priority.lowered else 250 if self.state is State.SERVING else 50)
             self.wakeup.drain()
             now = time.monotonic()
+            if self.priority.lowered:
+                self.priority.restore()
             if not self._read_master() and self.state is State.SERVING:
                 log.error("%s: the master is gone; stopping generation %d", self.name, self.number)
                 self._begin_drain(

@@ -21,7 +21,6 @@ slowlog_timeout has no SlowLog, no registry and no thread.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
@@ -29,7 +28,11 @@ import threading
 import time
 import traceback
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    # Imported where a task's stack is read: a WSGI worker never loads asyncio for this.
+    import asyncio
 
 from fcgi_engine.system.logfile import open_log
 
@@ -142,7 +145,7 @@ class SlowLog:
         return head + "its stack, most recent call last:\n" + "".join(stack) + "\n"
 
     def _stack(self, key: Any) -> list[str]:
-        if isinstance(key, asyncio.Task):
+        if not isinstance(key, int):  # an asyncio task (a WSGI request's key is a thread id)
             return task_stack(key, self.loop_thread)
         frame = sys._current_frames().get(key)
         return traceback.format_stack(frame) if frame is not None else []
@@ -181,6 +184,8 @@ def task_stack(task: asyncio.Task[Any], loop_thread: int) -> list[str]:
 
 def _is_running(task: asyncio.Task[Any]) -> bool:
     """Whether `task` is the one its loop runs now (read from another thread)."""
+    import asyncio
+
     current_tasks = getattr(asyncio.tasks, "_current_tasks", None)
     if not isinstance(current_tasks, dict):
         return False

@@ -15,6 +15,14 @@ under the web server's feet. A stop whose listener refuses new connections (work
 _serve_backlog) first accepts the listen queue dry, one connection at a time as it has room,
 then closes its copy of the listener.
 
+Work stealing (stealing.py): a request sent on a kept-alive connection of a worker that is
+inside a long app call would wait for it while a sibling may be idle. Past STEAL_AFTER (20 ms)
+in one call, a helper thread hands every other connection with a request waiting to the
+hand-off socket, from which any live worker takes it (an idle one at once); a waiting status
+request goes to the master instead. The threaded loop does the same itself while every thread
+stays busy. A loop that polls after such a call takes the oldest first: the listen queue, then
+the hand-off socket, then its own connections.
+
 With `threads: N` > 1 the loop stays the only reader of connections; a complete request goes to
 one of N threads (each with its own response sink) and its connection leaves the epoll set
 until the thread hands it back (the `done` queue and a poke of the wake-up pipe); then the loop
@@ -41,7 +49,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from fcgi_engine.handoff import send_connection
+from fcgi_engine.handoff import offer_connection, send_connection
 from fcgi_engine.protocol import (
     NEED_DATA,
     Connection,
@@ -64,6 +72,7 @@ from fcgi_engine.serving.body import (
 from fcgi_engine.serving.environ import build_environ
 from fcgi_engine.serving.loader import WSGIApp
 from fcgi_engine.serving.scoreboard import InFlight
+from fcgi_engine.serving.stealing import STEAL_AFTER, Stealer
 from fcgi_engine.serving.worker_base import (
     SWEEP_SECONDS,
     Phase,
@@ -84,7 +93,14 @@ RECV_SIZE = 256 * 1024
 # How long a closing connection may keep draining a request body nobody will read: closing on
 # unread data resets the connection, and the web server could lose the answer or say 502.
 LINGER_SECONDS = 2.0
+# On a plain stop (TERM), how long an idle keep-alive connection stays open for a request nginx
+# may already be sending on it; closing it at once would reset that request (nginx resends a
+# GET elsewhere, never a POST).
+STOP_IDLE_GRACE = 1.0
 _EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 0)
+# The most unparsed bytes a connection may carry when it is given away to another worker (a
+# hand-off message is received into a 256 KiB buffer; nginx sends a request at a time).
+STEAL_LEFTOVER_MAX = 64 * 1024
 
 
 # The request path compares phases several times per request, and on Python 3.11 each
@@ -149,6 +165,31 @@ def send_all(sock: socket.socket, data: bytes | memoryview, timeout: float) -> N
         view = view[sent:]
 
 
+def send_last(sock: socket.socket, data: bytes, timeout: float) -> None:
+    """Send the end of a response with the end of the connection right behind it: over TCP in
+    one segment (corked), so nginx reads END_REQUEST and the FIN together and never puts the
+    connection back in its keep-alive cache (where a request could be sent on it as it
+    closes). Raises ClientDisconnected as send_all does."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    except OSError:
+        pass  # a unix socket: the FIN follows at once anyway
+    send_all(sock, data, timeout)
+    try:
+        sock.shutdown(socket.SHUT_WR)  # also sends what the cork held
+    except OSError:
+        pass
+
+
+def _bytes_waiting(sock: socket.socket) -> bool:
+    """Whether the peer has sent anything (or closed) that we have not read yet."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:  # BlockingIOError: nothing; any other error: the loop's close will do
+        return False
+    return True  # bytes, or the peer's close: the loop reads either
+
+
 def _wait(sock: socket.socket, flag: int, timeout: float) -> None:
     poller = select.poll()
     poller.register(sock, flag)
@@ -170,6 +211,11 @@ def describe_peer(sock: socket.socket, address: Any) -> str:
 
 
 class Worker(WorkerBase[_Conn, WSGIApp]):
+    def _on_term(self) -> None:
+        # A plain stop: from now on each response ends its keep-alive connection with it.
+        self._ending[0] = True
+        super()._on_term()
+
     def _setup(self) -> None:
         self.errors = ErrorStream(self.error_stream)
         # Connections with a whole request already buffered: served before waiting again.
@@ -180,12 +226,13 @@ class Worker(WorkerBase[_Conn, WSGIApp]):
         self._wakeup = WakeupPipe()
         # Every sink notes the response's status (the scoreboard counts it); with an access
         # log it also counts the body's bytes and writes the line, without one nothing does.
+        self._ending = [False]  # shared by this worker's sinks: see _ResponseSink.ending
         self._logged_sink = (
-            _LoggedResponseSink(self.settings.send_timeout, self.access_log)
+            _LoggedResponseSink(self.settings.send_timeout, self.access_log, self._ending)
             if self.access_log is not None
             else None
         )
-        self._sink = self._logged_sink or _ResponseSink(self.settings.send_timeout)
+        self._sink = self._logged_sink or _ResponseSink(self.settings.send_timeout, self._ending)
         self._threads: _Threads | None = None
         # The slowlog's key for an inline request: the thread running the loop (run() sets it).
         self._ident = threading.get_ident()
@@ -195,18 +242,31 @@ class Worker(WorkerBase[_Conn, WSGIApp]):
             self._in_flight = InFlight(self.scoreboard, self.slot)
             # The instance attribute shadows the inline method: the N == 1 path is untouched.
             self._handle_complete = self._dispatch  # type: ignore[method-assign]
+        # Work stealing (stealing.py): requests waiting on this worker's other connections
+        # while its one thread is in a long app call go to the siblings. The threaded loop
+        # gives them away itself when every thread stays busy.
+        self._stealer: Stealer | None = None
+        self._steal_armed = False  # the stealer's thread is awake (it sleeps while disarmed)
+        self._repoll = False  # the stealer gave connections away during the last app call
+        self._oldest_first = False  # so the next poll's events are served oldest first
+        self._app_conn: _Conn | None = None  # the connection whose request is in the app
+        self.given_away = 0  # connections with a waiting request handed to other workers
+        if self.handoff_send is not None and self.handoff_recv is not None and not self._threads:
+            self._stealer = Stealer(self._give_away_waiting)
 
     def _new_sink(self) -> _ResponseSink:
         timeout = self.settings.send_timeout
         if self.access_log is not None:
-            return _LoggedResponseSink(timeout, self.access_log)
-        return _ResponseSink(timeout)
+            return _LoggedResponseSink(timeout, self.access_log, self._ending)
+        return _ResponseSink(timeout, self._ending)
 
     def close(self) -> None:
         """Release the epoll set, the wake-up pipe and the threads. A worker process never needs
         this (it exits after run()); a worker run inside another process, as in the tests, does."""
         if self._threads is not None:
             self._threads.stop()
+        if self._stealer is not None:
+            self._stealer.stop()
         if self.slowlog is not None:
             self.slowlog.stop()
         self._epoll.close()
@@ -239,6 +299,12 @@ class Worker(WorkerBase[_Conn, WSGIApp]):
         self._ident = threading.get_ident()
         if self.slowlog is not None:
             self.slowlog.start()
+        stealer = self._stealer
+        if stealer is not None:
+            stealer.start()
+        # Whether waiting requests may go to other workers: threaded, after STEAL_AFTER with
+        # every thread busy; inline, the stealer's thread is woken (armed) for it.
+        can_give_away = self.handoff_send is not None and self.handoff_recv is not None
         next_sweep = 0.0
         while True:
             if self._draining and not self._drain_started:
@@ -257,13 +323,28 @@ class Worker(WorkerBase[_Conn, WSGIApp]):
             if self._draining and not self.conns and not self._serving_backlog:
                 return
             self._update_listening()
+            if (
+                stealer is not None
+                and self._steal_armed
+                and (len(self.conns) < 2 or not self._listening)
+            ):
+                # Nothing can wait behind an app call: let the stealer's thread sleep (_handle
+                # wakes it when an app call starts with another connection open).
+                stealer.arm(False)
+                self._steal_armed = False
             wait = 0 if self.pending else SWEEP_SECONDS
             if backlog_wait is not None:
                 wait = min(wait, backlog_wait)
             try:
                 if threads is not None and threads.full:
-                    # Every thread busy: wait for one to finish (or a signal), read nothing.
-                    events = threads.wait(SWEEP_SECONDS)
+                    # Every thread busy: wait for one to finish (or a signal), read nothing;
+                    # busy that long, give the requests waiting on other connections away.
+                    if can_give_away and self._listening:
+                        events = threads.wait(STEAL_AFTER)
+                        if not events and threads.full:
+                            self._give_away_waiting()
+                    else:
+                        events = threads.wait(SWEEP_SECONDS)
                 else:
                     events = ep.poll(wait)
             except InterruptedError:
@@ -277,11 +358,23 @@ class Worker(WorkerBase[_Conn, WSGIApp]):
                 ready = list(self.pending.values())
                 self.pending.clear()
                 for conn in ready:
-                    if conn.fd in self.conns:
+                    # `is`: a connection given away meanwhile left its number to another.
+                    if self.conns.get(conn.fd) is conn:
                         self._serve(conn)
             if now >= next_sweep:
                 next_sweep = now + SWEEP_SECONDS
                 self._sweep(now)
+            if self._oldest_first:
+                self._oldest_first = False
+                # After a long app call (the stealer ran), oldest first, about: the listen
+                # queue (new connections, whose requests waited longest in a burst), then the
+                # hand-off socket (connections given away, in the order given), then requests
+                # that reached this worker's own connections meanwhile (bench/keepalive.py:
+                # p99 with keep-alive 6.2 s -> 2.0 s, RESULTS.md issue 11 item 6).
+                if len(events) > 1:
+                    events.sort(
+                        key=lambda event: 0 if event[0] == listen_fd else event[0] != handoff_fd
+                    )
             for fd, _mask in events:
                 if fd == listen_fd:
                     if self._listening:
@@ -295,7 +388,11 @@ class Worker(WorkerBase[_Conn, WSGIApp]):
                     watched = self.conns.get(fd)
                     if watched is not None and watched.phase != _BUSY:
                         self._serve(watched)
-                if self._draining:
+                if self._draining or self._repoll:
+                    # After an app call long enough for the stealer the rest of `events` is
+                    # stale (what it names was given away, the order no longer oldest first).
+                    self._oldest_first = self._repoll
+                    self._repoll = False
                     break
             if (
                 self.options.max_requests
@@ -403,10 +500,85 @@ class Worker(WorkerBase[_Conn, WSGIApp]):
                 if not conn.proto.has_buffered_input:
                     self._pass_on(conn)
             else:
-                # A plain stop: serve what already arrived, then close.
+                # A plain stop: serve what already arrived. An idle connection stays open for
+                # STOP_IDLE_GRACE (nginx may be sending on it now), then closes; a request that
+                # comes meanwhile is answered with the connection's end right behind it
+                # (_ResponseSink.ending), so nginx never reuses it.
                 self._serve(conn)
-                if conn.fd in self.conns and conn.proto.idle and conn.phase != _LINGER:
-                    self._close(conn)
+                if conn.fd in self.conns and conn.phase == _IDLE:
+                    conn.deadline = min(conn.deadline, self._now + STOP_IDLE_GRACE)
+
+    def _give_away_waiting(self) -> None:
+        """Hand every connection with a request waiting, idle between requests and not the
+        one in the app, to the hand-off socket, for a sibling to serve (until it is full).
+        Runs in the stealer's thread under its lock (the loop's thread is in the app), or in
+        the loop's thread while every request thread is busy."""
+        if not self._live or self._draining or self.handoff_send is None:
+            return
+        current = self._app_conn
+        if current is not None:
+            self._repoll = True  # the loop's list of ready connections is stale now
+        pending = self.pending
+        waiting: list[_Conn] = []
+        maybe: dict[int, _Conn] = {}
+        for conn in self.conns.values():
+            if conn is current or (conn.phase != _IDLE and conn.phase != _NONE):
+                continue
+            proto = conn.proto
+            if conn.request is not None or not proto.idle or proto.must_close:
+                continue
+            if proto.has_buffered_input:
+                # A whole request already read (pending); a part of one stays here.
+                if conn.fd in pending and len(proto.leftover) <= STEAL_LEFTOVER_MAX:
+                    waiting.append(conn)
+            else:
+                maybe[conn.fd] = conn
+        if maybe:
+            poller = select.poll()
+            for fd in maybe:
+                poller.register(fd, select.POLLIN)
+            waiting += (maybe[fd] for fd, _mask in poller.poll(0))
+        status_path = self.status_path
+        for conn in waiting:
+            if status_path is not None and self._status_request_waits(conn):
+                # The master answers it: pass it now rather than queue it behind app requests
+                # (so a status page on a kept-alive connection answers while all are busy).
+                self._serve(conn)
+                continue
+            try:
+                sent = offer_connection(
+                    self.handoff_send, conn.fd, conn.proto.ended_ids, conn.proto.leftover
+                )
+            except OSError as exc:
+                log.debug("could not give a waiting connection away: %s", exc)
+                return
+            if not sent:
+                return  # the hand-off socket is full: the next turn tries again
+            self.given_away += 1
+            self._close(conn)
+
+    def _status_request_waits(self, conn: _Conn) -> bool:
+        """Whether what waits on the connection is a whole request for status_path: its bytes
+        are looked at (MSG_PEEK) and parsed on a scratch protocol object, nothing consumed."""
+        try:
+            data = conn.sock.recv(STEAL_LEFTOVER_MAX, socket.MSG_PEEK)
+        except OSError:
+            return False
+        scratch = Connection(self.options.limits, conn.proto.ended_ids)
+        scratch.receive_data(conn.proto.leftover + data)
+        request: RequestReady | None = None
+        try:
+            while True:
+                event = scratch.next_event()
+                kind = type(event)
+                if kind is RequestReady:
+                    request = event  # type: ignore[assignment]
+                elif kind is StdinEnd:
+                    return request is not None and self.is_status_request(request)
+                elif kind is not StdinData:
+                    return False
+        except ProtocolError:
+            return False
 
     def _pass_on(self, conn: _Conn) -> None:
         assert self.handoff_send is not None
@@ -444,9 +616,12 @@ class Worker(WorkerBase[_Conn, WSGIApp]):
         phase = conn.phase
         opts = self.settings
         if phase == _IDLE:
-            log.debug(
-                "closing a keep-alive connection idle for %g s (idle_timeout)", opts.idle_timeout
-            )
+            if _bytes_waiting(conn.sock):
+                # A request arrived since the loop last looked: closing now would reset it under
+                # the web server's feet. Serve it (the loop sees it readable) and look again.
+                conn.deadline = self._now + (STOP_IDLE_GRACE if self._draining else 1.0)
+                return
+            log.debug("closing an idle keep-alive connection")
             self._close(conn)
         elif phase == _PARAMS:
             log.warning(
@@ -734,8 +909,24 @@ class Worker(WorkerBase[_Conn, WSGIApp]):
         if slowlog is not None:
             slowlog.begin(self._ident, environ["REQUEST_METHOD"], request_uri(environ))
         self.requests += 1
+        stealer = self._stealer
         try:
-            run_app(self.app, environ, sink.send, sink.finish)
+            if stealer is None or len(self.conns) < 2 or not self._listening:
+                run_app(self.app, environ, sink.send, sink.finish)
+            else:
+                if not self._steal_armed:
+                    stealer.arm(True)
+                    self._steal_armed = True
+                # Only inside the app may the stealer's thread touch the connection table.
+                self._app_conn = conn
+                stealer.in_app_since = began
+                stealer.lock.release()
+                try:
+                    run_app(self.app, environ, sink.send, sink.finish)
+                finally:
+                    stealer.lock.acquire()
+                    stealer.in_app_since = 0.0
+                    self._app_conn = None
         except EndNotDelivered as exc:
             log.debug("the web server closed before the end of a complete response: %s", exc)
             self._close(conn)
@@ -914,13 +1105,17 @@ class _ResponseSink:
     request in turn: nothing is built per request but the two bound methods run_app gets.
     """
 
-    __slots__ = ("sock", "proto", "request_id", "timeout", "status")
+    __slots__ = ("sock", "proto", "request_id", "timeout", "status", "ending")
     sock: socket.socket
     proto: Connection
     request_id: int
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, ending: list[bool] | None = None) -> None:
         self.timeout = timeout
+        # [True] once a plain stop runs (TERM): every response then ends its connection
+        # (send_last). One flag for the worker's sinks, set from the signal, so a request in
+        # the app when TERM came ends so too.
+        self.ending = ending if ending is not None else [False]
         self.status = b""  # the three digits of the response's status; b"": none sent yet
 
     def start(self, sock: socket.socket, proto: Connection, request_id: int) -> None:
@@ -940,13 +1135,14 @@ class _ResponseSink:
         EndNotDelivered when only the end was left to send and the web server had closed."""
         proto = self.proto
         rid = self.request_id
+        send = send_last if self.ending[0] else send_all
         if data:
             if not self.status:
                 self.status = bytes(data[8:11])
-            send_all(self.sock, proto.stdout(rid, data) + proto.end_request(rid), self.timeout)
+            send(self.sock, proto.stdout(rid, data) + proto.end_request(rid), self.timeout)
             return
         try:
-            send_all(self.sock, proto.end_request(rid), self.timeout)
+            send(self.sock, proto.end_request(rid), self.timeout)
         except ClientDisconnected as exc:
             raise EndNotDelivered(str(exc)) from exc
 
@@ -958,8 +1154,10 @@ class _LoggedResponseSink(_ResponseSink):
 
     __slots__ = ("access_log", "body_bytes")
 
-    def __init__(self, timeout: float, access_log: AccessLog) -> None:
-        super().__init__(timeout)
+    def __init__(
+        self, timeout: float, access_log: AccessLog, ending: list[bool] | None = None
+    ) -> None:
+        super().__init__(timeout, ending)
         self.access_log = access_log
         self.body_bytes = 0
 
